@@ -1,0 +1,195 @@
+"""Typed, frozen settings read once from the environment (PROTOCOL §8)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from agentkeys.errors import ConfigError
+
+DEVELOPMENT = "development"
+PRODUCTION = "production"
+MASTER_SECRET_VAR = "DEV_KEY_SERVICE_MASTER_SECRET"  # noqa: S105  (a name, not a secret)
+
+_MASTER_SECRET = re.compile(r"(0x)?[0-9a-fA-F]{64}\Z")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Secret:
+    """A secret value that `repr`, `str`, logs and tracebacks never show."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # secrets are not dict keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = DEVELOPMENT
+    issuer: str = "http://127.0.0.1:8000"
+    database_url: str = "sqlite:///instance/agentkeys.sqlite3"
+    dev_master_secret: Secret | None = None
+    client_id: str = "agentkeys"
+    mail_url: str = "console://"
+    mail_from: str = "AgentKeys <noreply@localhost>"
+    siwe_chain_ids: tuple[int, ...] = (1,)
+    signer_allowed_domains: tuple[str, ...] = ()
+    identity_session_ttl: int = 86400
+    wallet_session_ttl: int = 900
+    oidc_ttl: int = 300
+    oidc_audience: str = "sts.amazonaws.com"
+    max_body_bytes: int = 65536
+    trusted_proxies: int = 0
+    redis_url: str | None = None
+    session_jwks_url: str | None = None
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == PRODUCTION
+
+    @property
+    def issuer_authority(self) -> str:
+        """host[:port] of the issuer: the SIWE domain."""
+        return urlsplit(self.issuer).netloc
+
+    @property
+    def allowed_signing_domains(self) -> tuple[str, ...]:
+        return self.signer_allowed_domains or (self.issuer_authority,)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, instance_path: str | Path = "instance"
+    ) -> Settings:
+        """Build and validate settings; raise ConfigError naming the variable (never its value)."""
+        env = _Env(os.environ if environ is None else environ)
+        mode = env.choice("AGENTKEYS_ENV", (DEVELOPMENT, PRODUCTION), PRODUCTION)
+        prod = mode == PRODUCTION
+        default_db = f"sqlite:///{Path(instance_path).resolve() / 'agentkeys.sqlite3'}"
+        settings = cls(
+            env=mode,
+            issuer=env.text("AGENTKEYS_ISSUER", None if prod else "http://127.0.0.1:8000"),
+            database_url=env.text("DATABASE_URL", default_db),
+            dev_master_secret=_master_secret(env.optional(MASTER_SECRET_VAR)),
+            client_id=env.text("AGENTKEYS_CLIENT_ID", "agentkeys"),
+            mail_url=env.text("AGENTKEYS_MAIL_URL", None if prod else "console://"),
+            mail_from=env.text("AGENTKEYS_MAIL_FROM", "AgentKeys <noreply@localhost>"),
+            siwe_chain_ids=env.int_list("AGENTKEYS_SIWE_CHAIN_IDS", (1,)),
+            signer_allowed_domains=env.text_list("AGENTKEYS_SIGNER_ALLOWED_DOMAINS"),
+            identity_session_ttl=env.integer(
+                "AGENTKEYS_IDENTITY_SESSION_TTL", 86400, 60, 30 * 86400
+            ),
+            wallet_session_ttl=env.integer("AGENTKEYS_WALLET_SESSION_TTL", 900, 60, 86400),
+            oidc_ttl=env.integer("AGENTKEYS_OIDC_TTL", 300, 60, 3600),
+            oidc_audience=env.text("AGENTKEYS_OIDC_AUDIENCE", "sts.amazonaws.com"),
+            max_body_bytes=env.integer("AGENTKEYS_MAX_BODY_BYTES", 65536, 1024, 16 * 1024 * 1024),
+            trusted_proxies=env.integer("AGENTKEYS_TRUSTED_PROXIES", 0, 0, 10),
+            redis_url=env.optional("AGENTKEYS_REDIS_URL"),
+            session_jwks_url=env.optional("AGENTKEYS_SESSION_JWKS_URL"),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Cross-field rules; production refuses dev-only parts."""
+        _check_issuer(self.issuer, self.is_production)
+        if self.is_production and self.dev_master_secret is not None:
+            # The dev signer keeps the master secret in plain process memory: never in production.
+            raise ConfigError(
+                f"{MASTER_SECRET_VAR} is set while AGENTKEYS_ENV=production: "
+                "production builds reject the dev key service"
+            )
+        if self.is_production and self.mail_url.startswith("console:"):
+            raise ConfigError("AGENTKEYS_MAIL_URL=console:// is for development only")
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """Strict boolean: true/false/1/0/yes/no/on/off, anything else is an error (never truthy)."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be one of true/false/1/0/yes/no/on/off")
+
+
+class _Env:
+    """Typed readers over an environment mapping; errors name the variable, never its value."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def optional(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str | None) -> str:
+        value = self.optional(name)
+        if value is not None:
+            return value
+        if default is None:
+            raise ConfigError(f"{name} is required in production")
+        return default
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of: {', '.join(choices)}")
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}")
+        return int(raw)
+
+    def text_list(self, name: str) -> tuple[str, ...]:
+        raw = self.optional(name) or ""
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def int_list(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        items = self.text_list(name)
+        if not items:
+            return default
+        if not all(item.isdigit() and 0 < int(item) < 2**53 for item in items):
+            raise ConfigError(f"{name} must be a comma-separated list of positive chain ids")
+        return tuple(int(item) for item in items)
+
+
+def _master_secret(raw: str | None) -> Secret | None:
+    if raw is None:
+        return None
+    if not _MASTER_SECRET.match(raw):
+        raise ConfigError(f"{MASTER_SECRET_VAR} must be 64 hex characters (optionally 0x-prefixed)")
+    return Secret(bytes.fromhex(raw.removeprefix("0x")))
+
+
+def _check_issuer(issuer: str, production: bool) -> None:
+    parts = urlsplit(issuer)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("AGENTKEYS_ISSUER must be an absolute http(s) URL")
+    if parts.query or parts.fragment or parts.path or parts.username or issuer.endswith("/"):
+        raise ConfigError("AGENTKEYS_ISSUER must have no path, query, fragment or trailing '/'")
+    # STS fetches discovery over https from the issuer itself; a port or http would not verify.
+    if production and (parts.scheme != "https" or parts.port is not None):
+        raise ConfigError("AGENTKEYS_ISSUER must be https with no port in production")

@@ -1,0 +1,93 @@
+"""The signer surface shared by dev_key_service and the TEE worker (PROTOCOL §5): request
+parsing and the signing policy. Pure: no Flask."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from agentkeys.errors import InvalidMessageHex, InvalidOmniAccount, MessageNotAllowed, SiweError
+from agentkeys.settings import Settings
+from agentkeys.siwe import SiweMessage
+
+ACCOUNT_RESOURCE_PREFIX = "urn:agentkeys:account:"
+MAX_SIGNABLE_VALIDITY = timedelta(hours=1)
+
+_ANCHOR = re.compile(r"[0-9a-fA-F]{64}\Z")
+
+
+def parse_anchor(value: str) -> str:
+    """An account anchor as sent: 64 hex in any case, no `0x`; returned lowercase."""
+    if not _ANCHOR.match(value):
+        raise InvalidOmniAccount("omni_account must be 64 hex characters without 0x")
+    return value.lower()
+
+
+def parse_message_hex(value: str) -> bytes:
+    """Message bytes from hex with an optional `0x` prefix."""
+    body = value[2:] if value[:2] in ("0x", "0X") else value
+    try:
+        message = bytes.fromhex(body)
+    except ValueError:
+        message = None
+    # fromhex skips ASCII whitespace between bytes: the length check refuses it.
+    if message is None or 2 * len(message) != len(body):
+        raise InvalidMessageHex("message_hex must be an even number of hex characters")
+    return message
+
+
+@dataclass(frozen=True)
+class SigningPolicy:
+    """What the signer agrees to sign: only a strict EIP-4361 sign-in for the caller's own wallet.
+
+    The signer carries the wallet's EIP-4361 duties; it must never be a general signing oracle.
+    """
+
+    allowed_domains: tuple[str, ...]
+    issuer_scheme: str
+    chain_ids: tuple[int, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SigningPolicy:
+        return cls(
+            allowed_domains=settings.allowed_signing_domains,
+            issuer_scheme=settings.issuer.split("://", 1)[0],
+            chain_ids=settings.siwe_chain_ids,
+        )
+
+    def check(self, message: bytes, *, address: str, account: str, now: datetime) -> SiweMessage:
+        """Return the parsed message if it may be signed by `address` for `account`, else raise."""
+        try:
+            siwe = SiweMessage.parse(message.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MessageNotAllowed("message is not UTF-8 text") from None
+        except SiweError as exc:
+            raise MessageNotAllowed(f"message is not strict EIP-4361: {exc.detail}") from None
+        # Phishing defence: a signature for one site must not be usable to sign in to another.
+        if "@" in siwe.domain or siwe.domain not in self.allowed_domains:
+            raise MessageNotAllowed(f"domain {siwe.domain!r} is not one this signer signs for")
+        if siwe.scheme is not None and siwe.scheme != self.issuer_scheme:
+            raise MessageNotAllowed(f"scheme must be {self.issuer_scheme!r}")
+        if siwe.address != address:
+            raise MessageNotAllowed("address is not the wallet of this account")
+        if siwe.chain_id_int not in self.chain_ids:
+            raise MessageNotAllowed(f"chain id {siwe.chain_id} is not allowed")
+        # A signature that never expires would be a standing credential: require a short one.
+        expires = siwe.expiration_datetime
+        if expires is None:
+            raise MessageNotAllowed("Expiration Time is required")
+        if expires <= now:
+            raise MessageNotAllowed("Expiration Time has passed")
+        if expires > now + MAX_SIGNABLE_VALIDITY:
+            raise MessageNotAllowed("Expiration Time is more than 1 hour away")
+        not_before = siwe.not_before_datetime
+        if not_before is not None and not_before > now:
+            raise MessageNotAllowed("Not Before is in the future")
+        # A challenge bound to an account must only ever be signed with that account's bearer.
+        for resource in siwe.resources or ():
+            if resource.startswith(ACCOUNT_RESOURCE_PREFIX) and (
+                resource.removeprefix(ACCOUNT_RESOURCE_PREFIX) != account
+            ):
+                raise MessageNotAllowed("message is bound to another account")
+        return siwe
