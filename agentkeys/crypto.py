@@ -5,6 +5,7 @@ secp256k1 runs on coincurve (libsecp256k1): constant-time signing, RFC 6979 nonc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -37,6 +38,7 @@ def keccak256(data: bytes) -> bytes:
     return digest
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of public data; the same wallets recur
 def to_checksum_address(address: str) -> str:
     """EIP-55 form of a `0x` + 40 hex address given in any case."""
     if not _HEX40.match(address):

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import timeit
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -60,18 +61,36 @@ def wrk_script(body: dict[str, str] | None) -> str:
     )
 
 
-def run_wrk(url: str, script: Path, seconds: int, connections: int) -> float:
+def server_cpu_seconds(master_pid: int) -> float:
+    """User + system CPU time of the gunicorn workers (children of the master), from /proc."""
+    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+    ticks = 0
+    for pid in children:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, script: Path, seconds: int, connections: int) -> tuple[int, float]:
+    """Requests completed and requests/s."""
     command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in output or ("Socket errors" in output and "timeout" in output):
         raise SystemExit(f"bench: errors while loading {url}:\n{output}")
-    match = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if not match:
+    count = re.search(r"(\d+) requests in", output)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not count or not rate:
         raise SystemExit(f"bench: could not read wrk output:\n{output}")
-    return float(match.group(1))
+    return int(count.group(1)), float(rate.group(1))
 
 
-def http_benchmark(seconds: int, rounds: int, connections: int) -> dict[str, float]:
+@dataclass
+class Measured:
+    rps: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # server CPU per request
+
+
+def http_benchmark(seconds: int, rounds: int, connections: int) -> dict[str, Measured]:
     master = secrets.token_bytes(32)
     port = free_port()
     address = derive_wallet(master, ANCHOR).address
@@ -92,7 +111,7 @@ def http_benchmark(seconds: int, rounds: int, connections: int) -> dict[str, flo
     )
     command = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py"]
     command += ["--bind", domain, "--workers", "2", "wsgi:app"]
-    results: dict[str, list[float]] = {path: [] for path in bodies}
+    results = {path: Measured() for path in bodies}
     with (
         tempfile.TemporaryDirectory() as tmp,
         subprocess.Popen(command, cwd=ROOT, env=env) as server,
@@ -105,13 +124,22 @@ def http_benchmark(seconds: int, rounds: int, connections: int) -> dict[str, flo
                 scripts[path].write_text(wrk_script(body))
             for number in range(1, rounds + 1):
                 for path in bodies:
-                    rps = run_wrk(f"http://{domain}{path}", scripts[path], seconds, connections)
-                    results[path].append(rps)
-                    print(f"  round {number}/{rounds} {path}: {rps:,.0f} req/s", file=sys.stderr)
+                    cpu_before = server_cpu_seconds(server.pid)
+                    count, rps = run_wrk(
+                        f"http://{domain}{path}", scripts[path], seconds, connections
+                    )
+                    cpu_us = (server_cpu_seconds(server.pid) - cpu_before) / count * 1e6
+                    results[path].rps.append(rps)
+                    results[path].cpu_us.append(cpu_us)
+                    print(
+                        f"  round {number}/{rounds} {path}: {rps:,.0f} req/s, "
+                        f"server {cpu_us:.0f} µs CPU/request",
+                        file=sys.stderr,
+                    )
         finally:
             server.terminate()
             server.wait(timeout=30)
-    return {path: statistics.median(values) for path, values in results.items()}
+    return results
 
 
 def ecdsa_derive_and_sign(master: bytes, anchor: str, message: bytes) -> tuple[str, str]:
@@ -164,11 +192,13 @@ def main() -> int:
         print("bench: needs wrk (Debian: apt-get install -y wrk)", file=sys.stderr)
         return 2
     print(f"bench: {os.cpu_count()} cores; gunicorn -w 2 on loopback; wrk -t2 -c{args.connections}")
-    rps = http_benchmark(args.seconds, args.rounds, args.connections)
+    results = http_benchmark(args.seconds, args.rounds, args.connections)
+    rps = {path: statistics.median(m.rps) for path, m in results.items()}
+    cpu = {path: statistics.median(m.cpu_us) for path, m in results.items()}
     base = rps["/healthz"]
-    print(f"{'endpoint':<22}{'req/s':>10}{'ratio':>8}")
+    print(f"{'endpoint':<22}{'req/s':>10}{'ratio':>8}{'server µs CPU/req':>20}")
     for path, value in rps.items():
-        print(f"{path:<22}{value:>10,.0f}{value / base:>8.2f}")
+        print(f"{path:<22}{value:>10,.0f}{value / base:>8.2f}{cpu[path]:>20.0f}")
     sign_ratio = rps["/dev/sign-message"] / base
     verdict = "meets" if sign_ratio >= TARGET_SIGN_RATIO else "MISSES"
     print(f"sign-message/healthz = {sign_ratio:.2f} ({verdict} the {TARGET_SIGN_RATIO} target)")
