@@ -42,6 +42,20 @@ class Secret:
     __hash__ = None  # type: ignore[assignment]  # secrets are not dict keys
 
 
+GOOGLE_ISSUER = "https://accounts.google.com"
+_PROVIDER_VAR = re.compile(r"AGENTKEYS_OAUTH2_([A-Z0-9]+)_(ISSUER|CLIENT_ID|CLIENT_SECRET)\Z")
+
+
+@dataclass(frozen=True)
+class OAuth2Provider:
+    """One OAuth2/OIDC provider, configured by issuer discovery (§6.2)."""
+
+    name: str  # lowercase; identities are `oauth2_<name>`
+    issuer: str
+    client_id: str
+    client_secret: Secret | None
+
+
 @dataclass(frozen=True)
 class Settings:
     env: str = DEVELOPMENT
@@ -61,6 +75,10 @@ class Settings:
     trusted_proxies: int = 0
     redis_url: str | None = None
     session_jwks_url: str | None = None
+    oauth2_providers: tuple[OAuth2Provider, ...] = ()
+
+    def oauth2_provider(self, name: str) -> OAuth2Provider | None:
+        return next((p for p in self.oauth2_providers if p.name == name), None)
 
     @property
     def is_production(self) -> bool:
@@ -104,6 +122,7 @@ class Settings:
             trusted_proxies=env.integer("AGENTKEYS_TRUSTED_PROXIES", 0, 0, 10),
             redis_url=env.optional("AGENTKEYS_REDIS_URL"),
             session_jwks_url=env.optional("AGENTKEYS_SESSION_JWKS_URL"),
+            oauth2_providers=env.oauth2_providers(),
         )
         settings.validate()
         return settings
@@ -117,6 +136,11 @@ class Settings:
                 f"{MASTER_SECRET_VAR} is set while AGENTKEYS_ENV=production: "
                 "production builds reject the dev key service"
             )
+        for provider in self.oauth2_providers:
+            # Discovery, JWKS and the code exchange must not be open to tampering in transit.
+            if self.is_production and not provider.issuer.startswith("https://"):
+                name = f"AGENTKEYS_OAUTH2_{provider.name.upper()}_ISSUER"
+                raise ConfigError(f"{name} must be https in production")
         if self.is_production and self.mail_url.startswith("console:"):
             raise ConfigError("AGENTKEYS_MAIL_URL=console:// is for development only")
 
@@ -174,6 +198,29 @@ class _Env:
         if not all(item.isdigit() and 0 < int(item) < 2**53 for item in items):
             raise ConfigError(f"{name} must be a comma-separated list of positive chain ids")
         return tuple(int(item) for item in items)
+
+
+    def oauth2_providers(self) -> tuple[OAuth2Provider, ...]:
+        """Providers named by AGENTKEYS_OAUTH2_<NAME>_CLIENT_ID; `google` has a preset issuer."""
+        names = sorted(
+            {m[1] for m in map(_PROVIDER_VAR.match, self._environ) if m and m[2] == "CLIENT_ID"}
+        )
+        providers = []
+        for name in names:
+            prefix = f"AGENTKEYS_OAUTH2_{name}_"
+            issuer = self.text(prefix + "ISSUER", GOOGLE_ISSUER if name == "GOOGLE" else "")
+            if not issuer.startswith(("https://", "http://")):
+                raise ConfigError(f"{prefix}ISSUER must be the provider's http(s) issuer URL")
+            secret = self.optional(prefix + "CLIENT_SECRET")
+            providers.append(
+                OAuth2Provider(
+                    name=name.lower(),
+                    issuer=issuer,  # kept exact: the id_token's iss must equal it
+                    client_id=self.text(prefix + "CLIENT_ID", ""),
+                    client_secret=Secret(secret.encode()) if secret else None,
+                )
+            )
+        return tuple(providers)
 
 
 def _master_secret(raw: str | None) -> Secret | None:
