@@ -55,3 +55,59 @@ class SignerDisabled(AgentKeysError):
     """The dev signer is not configured in this process."""
 
     code = "signer_disabled"
+
+
+class InvalidEmail(InvalidRequest):
+    code = "invalid_email"
+
+
+class Unauthorized(AgentKeysError):
+    """Missing, invalid, expired or revoked credentials."""
+
+    code = "unauthorized"
+
+
+class Forbidden(AgentKeysError):
+    """Authenticated, but this account may not do this."""
+
+    code = "forbidden"
+
+
+class NotFound(AgentKeysError):
+    code = "not_found"
+
+
+class Conflict(AgentKeysError):
+    code = "conflict"
+
+
+class IdentityAlreadyLinked(Conflict):
+    code = "identity_already_linked"
+
+
+class AnchorIdentity(Conflict):
+    code = "anchor_identity"
+
+
+class LastIdentity(Conflict):
+    code = "last_identity"
+
+
+class RateLimited(AgentKeysError):
+    code = "rate_limited"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class MailError(AgentKeysError):
+    """The SMTP server or the network refused a mail; the detail names host:port, never secrets."""
+
+    code = "mail_failed"
+
+
+class OAuth2Error(AgentKeysError):
+    """An OAuth2/OIDC provider sign-in failed: discovery, code exchange or id_token check."""
+
+    code = "oauth2_failed"

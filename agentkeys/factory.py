@@ -5,14 +5,19 @@ from __future__ import annotations
 import logging
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from agentkeys.blueprints import dev_key_service, health
+from agentkeys.blueprints import auth, dev_key_service, health, identities
+from agentkeys.blueprints.http import SERVICES_KEY
 from agentkeys.blueprints.problems import register_error_handlers
 from agentkeys.dev_key_service import DEV_ONLY_WARNING, DevKeyService
 from agentkeys.errors import ConfigError
+from agentkeys.migrate import is_current
+from agentkeys.services import Services
 from agentkeys.settings import Settings
 
 SETTINGS_KEY = "agentkeys.settings"
+log = logging.getLogger("agentkeys")
 
 
 def create_app(settings: Settings | None = None, *, instance_path: str | None = None) -> Flask:
@@ -23,8 +28,12 @@ def create_app(settings: Settings | None = None, *, instance_path: str | None = 
     else:
         settings.validate()
     register_settings(app, settings)
+    register_proxies(app, settings)
     register_error_handlers(app)
+    svc = register_services(app, settings)
     register_blueprints(app, settings)
+    if not settings.is_production:
+        generate_dev_keys(svc)
     return app
 
 
@@ -34,12 +43,35 @@ def register_settings(app: Flask, settings: Settings) -> None:
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
 
+def register_proxies(app: Flask, settings: Settings) -> None:
+    if settings.trusted_proxies:
+        # Only as many X-Forwarded-For hops as there are proxies we run; the rest is client-made.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
+
+
+def register_services(app: Flask, settings: Settings) -> Services:
+    svc = Services.build(settings)
+    app.extensions[SERVICES_KEY] = svc
+    return svc
+
+
+def generate_dev_keys(svc: Services) -> None:
+    """Development makes its signing keys on first run (production: the release step)."""
+    if not is_current(svc.engine):
+        log.warning("the database is not migrated: run `python -m agentkeys.release`")
+        return
+    for ring in svc.keyrings():
+        ring.ensure_initial()
+
+
 def register_blueprints(app: Flask, settings: Settings) -> None:
     app.register_blueprint(health.create_blueprint())
+    app.register_blueprint(auth.create_blueprint())
+    app.register_blueprint(identities.create_blueprint())
     service = None
     if settings.dev_master_secret is not None:
         service = DevKeyService(settings.dev_master_secret, settings)
-        logging.getLogger("agentkeys.dev_key_service").warning(DEV_ONLY_WARNING)
+        log.warning(DEV_ONLY_WARNING)
     app.register_blueprint(dev_key_service.create_blueprint(service))
 
 

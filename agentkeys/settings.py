@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,8 +14,9 @@ from agentkeys.errors import ConfigError
 DEVELOPMENT = "development"
 PRODUCTION = "production"
 MASTER_SECRET_VAR = "DEV_KEY_SERVICE_MASTER_SECRET"  # noqa: S105  (a name, not a secret)
+KEK_VAR = "AGENTKEYS_KEY_ENCRYPTION_KEY"
 
-_MASTER_SECRET = re.compile(r"(0x)?[0-9a-fA-F]{64}\Z")
+_HEX_SECRET = re.compile(r"(0x)?[0-9a-fA-F]{64}\Z")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -40,6 +41,37 @@ class Secret:
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # secrets are not dict keys
+
+
+@dataclass(frozen=True)
+class Limit:
+    count: int
+    seconds: int
+
+
+DEFAULT_LIMITS = {
+    "email_address": Limit(5, 900),
+    "email_ip": Limit(60, 60),
+    "start_ip": Limit(60, 60),
+    "verify_ip": Limit(120, 60),
+}
+LIMITS_VAR = "AGENTKEYS_RATE_LIMITS"
+
+
+def parse_limits(raw: str | None) -> dict[str, Limit]:
+    """`name=count/seconds,…` over the defaults, e.g. `email_address=3/600`."""
+    limits = dict(DEFAULT_LIMITS)
+    for item in filter(None, (part.strip() for part in (raw or "").split(","))):
+        name, _, spec = item.partition("=")
+        count, _, seconds = spec.partition("/")
+        if name not in DEFAULT_LIMITS or not count.isdigit() or not seconds.isdigit():
+            raise ConfigError(
+                f"{LIMITS_VAR} takes name=count/seconds for {', '.join(DEFAULT_LIMITS)}"
+            )
+        if int(count) < 1 or not 1 <= int(seconds) <= 86400:
+            raise ConfigError(f"{LIMITS_VAR}: counts are ≥ 1 and windows 1 to 86400 seconds")
+        limits[name] = Limit(int(count), int(seconds))
+    return limits
 
 
 GOOGLE_ISSUER = "https://accounts.google.com"
@@ -76,6 +108,8 @@ class Settings:
     redis_url: str | None = None
     session_jwks_url: str | None = None
     oauth2_providers: tuple[OAuth2Provider, ...] = ()
+    key_encryption_key: Secret | None = None
+    rate_limits: dict[str, Limit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
 
     def oauth2_provider(self, name: str) -> OAuth2Provider | None:
         return next((p for p in self.oauth2_providers if p.name == name), None)
@@ -106,7 +140,7 @@ class Settings:
             env=mode,
             issuer=env.text("AGENTKEYS_ISSUER", None if prod else "http://127.0.0.1:8000"),
             database_url=env.text("DATABASE_URL", default_db),
-            dev_master_secret=_master_secret(env.optional(MASTER_SECRET_VAR)),
+            dev_master_secret=_hex_secret(MASTER_SECRET_VAR, env.optional(MASTER_SECRET_VAR)),
             client_id=env.text("AGENTKEYS_CLIENT_ID", "agentkeys"),
             mail_url=env.text("AGENTKEYS_MAIL_URL", None if prod else "console://"),
             mail_from=env.text("AGENTKEYS_MAIL_FROM", "AgentKeys <noreply@localhost>"),
@@ -123,6 +157,8 @@ class Settings:
             redis_url=env.optional("AGENTKEYS_REDIS_URL"),
             session_jwks_url=env.optional("AGENTKEYS_SESSION_JWKS_URL"),
             oauth2_providers=env.oauth2_providers(),
+            key_encryption_key=_hex_secret(KEK_VAR, env.optional(KEK_VAR)),
+            rate_limits=parse_limits(env.optional(LIMITS_VAR)),
         )
         settings.validate()
         return settings
@@ -141,6 +177,9 @@ class Settings:
             if self.is_production and not provider.issuer.startswith("https://"):
                 name = f"AGENTKEYS_OAUTH2_{provider.name.upper()}_ISSUER"
                 raise ConfigError(f"{name} must be https in production")
+        if self.is_production and self.key_encryption_key is None:
+            # Signing keys live in the database; production must never keep them in plaintext.
+            raise ConfigError(f"{KEK_VAR} is required in production (it seals the signing keys)")
         if self.is_production and self.mail_url.startswith("console:"):
             raise ConfigError("AGENTKEYS_MAIL_URL=console:// is for development only")
 
@@ -199,7 +238,6 @@ class _Env:
             raise ConfigError(f"{name} must be a comma-separated list of positive chain ids")
         return tuple(int(item) for item in items)
 
-
     def oauth2_providers(self) -> tuple[OAuth2Provider, ...]:
         """Providers named by AGENTKEYS_OAUTH2_<NAME>_CLIENT_ID; `google` has a preset issuer."""
         names = sorted(
@@ -223,11 +261,12 @@ class _Env:
         return tuple(providers)
 
 
-def _master_secret(raw: str | None) -> Secret | None:
+def _hex_secret(name: str, raw: str | None) -> Secret | None:
+    """A 32-byte secret given as 64 hex characters, optionally 0x-prefixed."""
     if raw is None:
         return None
-    if not _MASTER_SECRET.match(raw):
-        raise ConfigError(f"{MASTER_SECRET_VAR} must be 64 hex characters (optionally 0x-prefixed)")
+    if not _HEX_SECRET.match(raw):
+        raise ConfigError(f"{name} must be 64 hex characters (optionally 0x-prefixed)")
     return Secret(bytes.fromhex(raw.removeprefix("0x")))
 
 

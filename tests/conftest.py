@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import insert, select
 
+from agentkeys.blueprints.http import SERVICES_KEY
+from agentkeys.db import accounts, make_engine
 from agentkeys.factory import create_app
+from agentkeys.identity import EMAIL, Identity
+from agentkeys.migrate import upgrade
+from agentkeys.services import Services
 from agentkeys.settings import Secret, Settings
-from tests.vectors import VECTOR_ADDRESS, VECTOR_MASTER
+from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
 BASE_SETTINGS = Settings(
     env="development",
     issuer="http://127.0.0.1:8000",
-    database_url="sqlite://",
     dev_master_secret=Secret(VECTOR_MASTER),
 )
 
@@ -25,14 +32,42 @@ MakeApp = Callable[..., Flask]
 
 
 @pytest.fixture
-def make_app(tmp_path: Any) -> MakeApp:
+def database_url(tmp_path: Path) -> str:
+    """A migrated SQLite database of this test's own."""
+    url = f"sqlite:///{tmp_path / 'agentkeys.sqlite3'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def make_app(tmp_path: Path, database_url: str) -> Iterator[MakeApp]:
+    apps: list[Flask] = []
+
     def build(**overrides: Any) -> Flask:
-        settings = dataclasses.replace(BASE_SETTINGS, **overrides)
+        settings = dataclasses.replace(BASE_SETTINGS, database_url=database_url, **overrides)
         app = create_app(settings, instance_path=str(tmp_path / "instance"))
         app.config["TESTING"] = True
+        apps.append(app)
         return app
 
-    return build
+    yield build
+    for app in apps:
+        services_of(app).engine.dispose()
+
+
+def services_of(app: Flask) -> Services:
+    found: Services = app.extensions[SERVICES_KEY]
+    return found
+
+
+def bearer_for(app: Flask, email: str = "onboard@example.com") -> dict[str, str]:
+    """An Authorization header with an identity session for `email` (signing it in)."""
+    svc = services_of(app)
+    identity = Identity(EMAIL, email)
+    token, _ = svc.sessions.mint(svc.store.sign_in(identity), identity)
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
@@ -77,3 +112,21 @@ def siwe_text(
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def bearer_for_account(app: Flask, anchor: str, kind: str = "identity") -> dict[str, str]:
+    """An Authorization header for a session of the account `anchor` (created if absent)."""
+    svc = services_of(app)
+    with svc.engine.begin() as conn:
+        if conn.execute(select(accounts).where(accounts.c.anchor == anchor)).first() is None:
+            conn.execute(insert(accounts).values(anchor=anchor, created_at=0))
+    token, _ = svc.sessions.mint(anchor, Identity(EMAIL, "vector@example.com"), kind=kind)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def signer_client(app: Flask, anchor: str = VECTOR_ANCHOR) -> FlaskClient:
+    """A test client whose every request carries an identity bearer for `anchor`."""
+    client = app.test_client()
+    header = bearer_for_account(app, anchor)["Authorization"]
+    client.environ_base["HTTP_AUTHORIZATION"] = header
+    return client

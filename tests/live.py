@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -34,7 +35,7 @@ def free_port() -> int:
         return port
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_until_up(url: str, process: subprocess.Popen[Any], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -42,14 +43,26 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 6
         try:
             requests.get(url, timeout=1)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             time.sleep(0.1)
     raise TimeoutError(url)
 
 
+def release(env: Mapping[str, str]) -> None:
+    """The Procfile's release step: validate, migrate, create the first keys."""
+    subprocess.run(
+        [sys.executable, "-m", "agentkeys.release"],
+        cwd=ROOT,
+        env=dict(env),
+        check=True,
+        timeout=120,
+    )
+
+
 @contextmanager
 def gunicorn(env: Mapping[str, str], workers: int = 2) -> Iterator[str]:
-    """Run `gunicorn wsgi:app` with the Procfile's config on a free loopback port."""
+    """Release, then run `gunicorn wsgi:app` with the Procfile's config on a free loopback port."""
+    release(env)
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py"]
     command += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "wsgi:app"]

@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
 from agentkeys.crypto import derive_secret, recover_personal
-from tests.conftest import MakeApp, siwe_text
+from tests.conftest import MakeApp, bearer_for_account, signer_client, siwe_text
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
 DERIVE = "/dev/derive-address"
@@ -27,6 +28,11 @@ def problem(status: int, code: str, detail: str) -> dict[str, Any]:
         "detail": detail,
         "error": code,
     }
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return signer_client(app)
 
 
 def sign_body(text: str, anchor: str = VECTOR_ANCHOR) -> dict[str, str]:
@@ -179,7 +185,7 @@ def test_bad_input(
 
 
 def test_body_too_large(make_app: MakeApp) -> None:
-    client = make_app(max_body_bytes=1024).test_client()
+    client = signer_client(make_app(max_body_bytes=1024))
     response = client.post(DERIVE, json={"omni_account": "a" * 2000}, content_type="text/plain")
     assert response.json == problem(
         413, "payload_too_large", "The request body is larger than the server accepts."
@@ -267,9 +273,9 @@ def test_signing_policy_allows_bound_and_not_before(client: FlaskClient) -> None
 
 
 def test_allowed_domains_and_chain_ids_from_settings(make_app: MakeApp) -> None:
-    client = make_app(
-        signer_allowed_domains=("agent.example",), siwe_chain_ids=(10, 1)
-    ).test_client()
+    client = signer_client(
+        make_app(signer_allowed_domains=("agent.example",), siwe_chain_ids=(10, 1))
+    )
     assert (
         client.post(
             SIGN, json=sign_body(siwe_text(domain="agent.example", chain_id=10))
@@ -279,11 +285,55 @@ def test_allowed_domains_and_chain_ids_from_settings(make_app: MakeApp) -> None:
     assert client.post(SIGN, json=sign_body(siwe_text())).status_code == 403
 
 
-def test_other_anchor_gets_other_wallet(client: FlaskClient) -> None:
-    response = client.post(DERIVE, json={"omni_account": OTHER_ANCHOR})
+def test_other_anchor_gets_other_wallet(app: Flask) -> None:
+    other = signer_client(app, OTHER_ANCHOR)
+    response = other.post(DERIVE, json={"omni_account": OTHER_ANCHOR})
+    assert response.status_code == 200
     assert response.json is not None and response.json["address"] != VECTOR_ADDRESS
     # The vector wallet's message is refused for another anchor: its address does not match.
-    assert client.post(SIGN, json=sign_body(siwe_text(), OTHER_ANCHOR)).status_code == 403
+    refused = other.post(SIGN, json=sign_body(siwe_text(), OTHER_ANCHOR))
+    assert refused.status_code == 403
+    assert refused.json is not None and refused.json["error"] == "message_not_allowed"
+
+
+@pytest.mark.parametrize("path", [DERIVE, SIGN])
+def test_another_accounts_bearer_is_forbidden(app: Flask, path: str) -> None:
+    other = signer_client(app, OTHER_ANCHOR)
+    response = other.post(
+        path, json=sign_body(siwe_text()) if path == SIGN else {"omni_account": VECTOR_ANCHOR}
+    )
+    assert response.json == problem(
+        403, "forbidden", "The bearer's session is for another account."
+    )
+
+
+@pytest.mark.parametrize("path", [DERIVE, SIGN])
+def test_signer_requires_identity_bearer(app: Flask, path: str) -> None:
+    body = sign_body(siwe_text())
+    anonymous = app.test_client()
+    expected = problem(401, "unauthorized", "Send Authorization: Bearer <session token>.")
+    response = anonymous.post(path, json=body)
+    assert response.json == expected
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="agentkeys"'
+    assert anonymous.post(path, json=body, headers={"Authorization": "Basic eA=="}).json == expected
+    garbage = anonymous.post(path, json=body, headers={"Authorization": "Bearer x.y.z"})
+    assert garbage.status_code == 401
+    # Wallet sessions may only mint: the signer refuses them.
+    wallet = bearer_for_account(app, VECTOR_ANCHOR, kind="wallet")
+    response = anonymous.post(path, json=body, headers=wallet)
+    assert response.json == problem(401, "unauthorized", "This needs a session of kind identity.")
+
+
+def test_order_of_checks(app: Flask) -> None:
+    """§5: body checks, then 401, then field codes, then 403 for another account."""
+    anonymous = app.test_client()
+    assert anonymous.post(SIGN, data="{", content_type="application/json").status_code == 400
+    assert anonymous.post(SIGN, json={"omni_account": "0x"}).status_code == 401
+    other = signer_client(app, OTHER_ANCHOR)
+    bad_field = other.post(SIGN, json={"omni_account": VECTOR_ANCHOR, "message_hex": "zz"})
+    assert bad_field.json is not None and bad_field.json["error"] == "invalid_message_hex"
+    forbidden = other.post(SIGN, json={"omni_account": VECTOR_ANCHOR, "message_hex": "00"})
+    assert forbidden.json is not None and forbidden.json["error"] == "forbidden"
 
 
 # --- the gate -------------------------------------------------------------------------------
@@ -332,7 +382,8 @@ def test_same_rules_both_modes(make_app: MakeApp) -> None:
 def test_many_apps_fresh_blueprints(make_app: MakeApp) -> None:
     apps = [make_app(), make_app(dev_master_secret=None), make_app()]
     assert [
-        a.test_client().post(DERIVE, json={"omni_account": VECTOR_ANCHOR}).status_code for a in apps
+        signer_client(a).post(DERIVE, json={"omni_account": VECTOR_ANCHOR}).status_code
+        for a in apps
     ] == [
         200,
         503,
@@ -352,9 +403,10 @@ def test_production_app_refuses_master_secret(make_app: MakeApp) -> None:
 
 def test_no_secret_in_logs(make_app: MakeApp, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    client = make_app().test_client()
+    app = make_app()
     for anchor in (VECTOR_ANCHOR, OTHER_ANCHOR):
-        client.post(DERIVE, json={"omni_account": anchor})
+        client = signer_client(app, anchor)
+        assert client.post(DERIVE, json={"omni_account": anchor}).status_code == 200
         client.post(SIGN, json=sign_body(siwe_text(), anchor))
     client.post(SIGN, json={"omni_account": VECTOR_ANCHOR, "message_hex": "zz"})
     logged = caplog.text.lower()

@@ -2,35 +2,69 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy import select
 
+from agentkeys.db import make_engine, signing_keys
+from agentkeys.factory import create_app
+from agentkeys.settings import Settings
+from tests.conftest import BASE_SETTINGS, bearer_for_account, services_of
 from tests.live import ROOT, clean_env, gunicorn
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py", "wsgi:app"]
 DEV = {"AGENTKEYS_ENV": "development"}
-PROD = {"AGENTKEYS_ISSUER": "https://keys.example.com", "AGENTKEYS_MAIL_URL": "smtp://mx:25"}
+KEK = "5e" * 32
+PROD = {
+    "AGENTKEYS_ISSUER": "https://keys.example.com",
+    "AGENTKEYS_MAIL_URL": "smtp://mx:25",
+    "AGENTKEYS_KEY_ENCRYPTION_KEY": KEK,
+}
 BAD_SECRET = "ab" * 31 + "zz"
 
 
-def test_gunicorn_serves_vector_address(tmp_path) -> None:
-    env = clean_env(**DEV, DEV_KEY_SERVICE_MASTER_SECRET=VECTOR_MASTER.hex())
+def test_gunicorn_serves_vector_address(tmp_path: Path) -> None:
+    """Keys live in the database: a session minted by another process verifies in every worker."""
+    env = clean_env(
+        **DEV,
+        DEV_KEY_SERVICE_MASTER_SECRET=VECTOR_MASTER.hex(),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        AGENTKEYS_KEY_ENCRYPTION_KEY=KEK,
+    )
     with gunicorn(env) as base:
         assert requests.get(base + "/healthz", timeout=5).json() == {"status": "ok"}
         assert requests.get(base + "/readyz", timeout=5).json() == {"status": "ready"}
+        app = create_app(Settings.from_env(env))
+        headers = bearer_for_account(app, VECTOR_ANCHOR)
         for _ in range(4):  # reach both workers
             response = requests.post(
-                base + "/dev/derive-address", json={"omni_account": VECTOR_ANCHOR}, timeout=5
+                base + "/dev/derive-address",
+                json={"omni_account": VECTOR_ANCHOR},
+                headers=headers,
+                timeout=5,
             )
             assert response.json() == {"address": VECTOR_ADDRESS, "key_version": 1}
+        services_of(app).engine.dispose()
 
 
-def test_gunicorn_without_secret_answers_503() -> None:
-    with gunicorn(clean_env(**DEV)) as base:
+def test_readyz_reports_unmigrated_database(tmp_path: Path) -> None:
+    app = create_app(
+        dataclasses.replace(BASE_SETTINGS, database_url=f"sqlite:///{tmp_path / 'empty.db'}")
+    )
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503 and response.json is not None
+    assert response.json["error"] == "not_ready"
+
+
+def test_gunicorn_without_secret_answers_503(tmp_path: Path) -> None:
+    env = clean_env(**DEV, DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    with gunicorn(env) as base:
         response = requests.post(base + "/dev/sign-message", json={}, timeout=5)
         assert response.status_code == 503
         assert response.headers["Content-Type"] == "application/problem+json"
@@ -69,17 +103,23 @@ def test_refuses_to_start(command: list[str], env: dict[str, str], needle: str) 
     assert "ab" * 31 not in result.stderr + result.stdout
 
 
-def test_release_accepts_valid_production() -> None:
+def test_release_accepts_valid_production(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'db.sqlite3'}"
     result = subprocess.run(
         [sys.executable, "-m", "agentkeys.release"],
         cwd=ROOT,
-        env=clean_env(**PROD),
+        env=clean_env(**PROD, DATABASE_URL=database),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "configuration ok (AGENTKEYS_ENV=production)" in result.stdout
+    assert "database migrated; signing keys present" in result.stdout
+    # Production keys are sealed under the KEK: no PKCS#8 plaintext in the database.
+    with make_engine(database).connect() as conn:
+        rows = conn.execute(select(signing_keys.c.sealed, signing_keys.c.private_key)).all()
+    assert rows and all(row.sealed == 1 and b"\x30\x81" not in row.private_key[:16] for row in rows)
 
 
 def test_procfile_process_types() -> None:

@@ -11,7 +11,11 @@ from agentkeys.errors import ConfigError
 from agentkeys.settings import Secret, Settings, parse_bool
 
 SECRET_HEX = "0f" * 32
-PROD = {"AGENTKEYS_ISSUER": "https://keys.example.com", "AGENTKEYS_MAIL_URL": "smtp://mx:25"}
+PROD = {
+    "AGENTKEYS_ISSUER": "https://keys.example.com",
+    "AGENTKEYS_MAIL_URL": "smtp://mx:25",
+    "AGENTKEYS_KEY_ENCRYPTION_KEY": "5e" * 32,
+}
 DEV = {"AGENTKEYS_ENV": "development"}
 
 
@@ -45,9 +49,14 @@ def test_env_defaults_to_production_which_requires_issuer() -> None:
     assert settings.allowed_signing_domains == ("keys.example.com",)
 
 
-def test_production_requires_mail_url() -> None:
+def test_production_requires_mail_url_and_kek() -> None:
     with pytest.raises(ConfigError, match="AGENTKEYS_MAIL_URL is required"):
         Settings.from_env({"AGENTKEYS_ISSUER": "https://keys.example.com"})
+    without_kek = {k: v for k, v in PROD.items() if k != "AGENTKEYS_KEY_ENCRYPTION_KEY"}
+    with pytest.raises(ConfigError, match="AGENTKEYS_KEY_ENCRYPTION_KEY is required in production"):
+        Settings.from_env(without_kek)
+    with pytest.raises(ConfigError, match="AGENTKEYS_KEY_ENCRYPTION_KEY must be 64 hex"):
+        Settings.from_env({**PROD, "AGENTKEYS_KEY_ENCRYPTION_KEY": "5e" * 16})
     with pytest.raises(ConfigError, match="development only"):
         Settings.from_env({**PROD, "AGENTKEYS_MAIL_URL": "console://"})
 

@@ -11,9 +11,9 @@ from typing import Any, NoReturn
 from flask import Blueprint
 from marshmallow import Schema, fields
 
-from agentkeys.blueprints.problems import json_object, load
+from agentkeys.blueprints.http import bearer_session, json_object, load
 from agentkeys.dev_key_service import DevKeyService
-from agentkeys.errors import SignerDisabled
+from agentkeys.errors import Forbidden, SignerDisabled
 from agentkeys.settings import MASTER_SECRET_VAR
 from agentkeys.signer import parse_anchor, parse_message_hex
 
@@ -38,16 +38,20 @@ def create_blueprint(service: DevKeyService | None) -> Blueprint:
     @bp.post("/derive-address")
     def derive_address() -> dict[str, Any]:
         """DEV ONLY — replace with TEE."""
-        data = load(derive_schema, json_object())
-        derived = service.derive_address(parse_anchor(data["omni_account"]))
+        body = json_object()
+        session = bearer_session()
+        anchor = own_anchor(load(derive_schema, body)["omni_account"], session.account)
+        derived = service.derive_address(anchor)
         return {"address": derived.address, "key_version": derived.key_version}
 
     @bp.post("/sign-message")
     def sign_message() -> dict[str, Any]:
         """DEV ONLY — replace with TEE."""
-        data = load(sign_schema, json_object())
-        anchor = parse_anchor(data["omni_account"])
+        body = json_object()
+        session = bearer_session()
+        data = load(sign_schema, body)
         message = parse_message_hex(data["message_hex"])
+        anchor = own_anchor(data["omni_account"], session.account)
         signed = service.sign_message(anchor, message)
         return {
             "signature": signed.signature,
@@ -56,6 +60,15 @@ def create_blueprint(service: DevKeyService | None) -> Blueprint:
         }
 
     return bp
+
+
+def own_anchor(omni_account: str, account: str) -> str:
+    """The requested anchor, which must be the bearer's own account (claim `account`)."""
+    anchor = parse_anchor(omni_account)
+    # Constant-time is not needed (anchors are not secret), equality is: one account, one wallet.
+    if anchor != account:
+        raise Forbidden("The bearer's session is for another account.")
+    return anchor
 
 
 def _register_disabled(bp: Blueprint) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import logging
 from http import HTTPStatus
-from typing import Any
 
 from flask import Flask, Response, request
-from marshmallow import Schema, ValidationError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from agentkeys import errors
 
@@ -17,7 +15,14 @@ log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[errors.AgentKeysError], int] = {
     errors.InvalidRequest: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.MessageNotAllowed: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.RateLimited: 429,
+    errors.MailError: 503,
+    errors.OAuth2Error: 502,
     errors.SignerDisabled: 503,
 }
 
@@ -59,7 +64,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(errors.AgentKeysError)
     def _domain(exc: errors.AgentKeysError) -> Response:
         status = next((s for cls, s in STATUS_OF.items() if isinstance(exc, cls)), 400)
-        return problem(status, exc.code, exc.detail)
+        headers = {}
+        if isinstance(exc, errors.RateLimited):
+            headers["Retry-After"] = str(exc.retry_after)
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="agentkeys"'
+        return problem(status, exc.code, exc.detail, headers)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
@@ -83,39 +93,3 @@ def _http_detail(status: int) -> str:
     if status == 413:
         return "The request body is larger than the server accepts."
     return HTTPStatus(status).description
-
-
-def json_object() -> dict[str, Any]:
-    """The request body as a JSON object; checks size, then content type, then syntax."""
-    length, limit = request.content_length, request.max_content_length
-    if limit is not None and (length or 0) > limit:
-        raise RequestEntityTooLarge()
-    if request.mimetype != "application/json":
-        raise Problem(415, "unsupported_media_type", "Send the body as application/json.")
-    if length is not None:
-        # The length is checked above; one read of the WSGI input is several times cheaper
-        # under gunicorn than werkzeug's chunked LimitedStream.
-        raw = request.environ["wsgi.input"].read(length)
-    else:
-        raw = request.get_data(cache=True)  # a chunked body: werkzeug enforces the limit
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise Problem(400, "invalid_json", "The body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise Problem(400, "invalid_json", "The body must be a JSON object.")
-    return data
-
-
-def load(schema: Schema, data: dict[str, Any]) -> dict[str, Any]:
-    """Validate fields with a marshmallow schema; unknown, missing or mistyped → invalid_request."""
-    try:
-        result: dict[str, Any] = schema.load(data)
-    except ValidationError as exc:
-        fields = ", ".join(sorted(str(name) for name in exc.messages_dict))
-        raise errors.InvalidRequest(f"Invalid or missing fields: {fields}.") from None
-    return result
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")

@@ -1,0 +1,142 @@
+"""Persistence: SQLAlchemy Core tables and the engine. SQLite by default, PostgreSQL (psycopg 3)
+for several workers or instances. Times are integer Unix seconds, the same on both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import make_url
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("anchor", String(64), primary_key=True),
+    Column("created_at", BigInteger, nullable=False),
+    # Sessions issued before this second are refused (unlink and merge revoke them).
+    Column("sessions_valid_after", BigInteger, nullable=False, server_default="0"),
+    Column("merged_into", String(64), nullable=True),
+)
+
+identities = Table(
+    "identities",
+    metadata,
+    Column("identity_type", String(64), primary_key=True),
+    Column("identity_value", String(320), primary_key=True),
+    Column("account", String(64), ForeignKey("accounts.anchor"), nullable=False, index=True),
+    Column("status", String(16), nullable=False),  # linked | pending_proof
+    Column("linked_at", BigInteger, nullable=False),
+)
+
+login_requests = Table(
+    "login_requests",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),  # email | oauth2
+    Column("provider", String(64), nullable=True),
+    Column("poll_token_hash", LargeBinary(32), nullable=False),
+    Column("user_code", String(16), nullable=False),
+    Column("identity_type", String(64), nullable=True),
+    Column("identity_value", String(320), nullable=True),
+    Column("status", String(16), nullable=False),  # pending | verified | consumed | failed
+    Column("error", String(64), nullable=True),
+    Column("reason", String(500), nullable=True),
+    # Only hashes of the bearer secrets (magic link, approval token, state) are stored.
+    Column("approve_token_hash", LargeBinary(32), nullable=True, unique=True),
+    Column("state_hash", LargeBinary(32), nullable=True, unique=True),
+    Column("nonce", String(128), nullable=True),
+    Column("code_verifier", String(128), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+)
+
+spent_tokens = Table(
+    "spent_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("expires_at", BigInteger, nullable=False, index=True),
+)
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("purpose", String(16), nullable=False, index=True),  # session | oidc
+    # First-run generation races between workers end on this unique slot.
+    Column("slot", String(64), nullable=True, unique=True),
+    Column("private_key", LargeBinary, nullable=False),  # AES-GCM sealed PKCS#8, or dev PEM
+    Column("sealed", Integer, nullable=False),
+    Column("public_jwk", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("signs_from", BigInteger, nullable=False),
+    Column("retire_at", BigInteger, nullable=True),
+)
+
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("window_start", BigInteger, nullable=False),
+    Column("hits", Integer, nullable=False),
+)
+
+
+def engine_url(url: str) -> str:
+    """Heroku's `postgres://` and plain `postgresql://` both mean psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine that never logs SQL parameters (they hold token hashes and identities)."""
+    parsed = make_url(engine_url(url))
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, hide_parameters=True, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_engine(parsed, hide_parameters=True, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # Take the write lock when the transaction starts: a deferred transaction that later
+    # upgrades to writing can fail at once with "database is locked" under concurrency.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    connection.isolation_level = None  # pysqlite must not issue its own BEGIN (see above)
+    # WAL lets readers and one writer work at once across gunicorn workers; writers wait
+    # for each other (busy timeout) instead of failing with "database is locked".
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

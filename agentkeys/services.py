@@ -1,0 +1,83 @@
+"""The app's long-lived objects, built once per process from Settings. No Flask."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from agentkeys.db import make_engine
+from agentkeys.errors import InvalidRequest
+from agentkeys.keys import KeyRing
+from agentkeys.login import LoginRequests
+from agentkeys.mail import MailSender, parse_mail_url
+from agentkeys.oauth2 import OIDCClient
+from agentkeys.ratelimit import Counter, RateLimiter, RedisCounter, SqlCounter
+from agentkeys.sessions import IDENTITY, WALLET, SessionTokens
+from agentkeys.settings import Settings
+from agentkeys.store import IdentityLinkStore
+
+
+class UnknownProvider(InvalidRequest):
+    code = "unknown_provider"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    store: IdentityLinkStore
+    logins: LoginRequests
+    session_keys: KeyRing
+    sessions: SessionTokens
+    limiter: RateLimiter
+    mailer: MailSender
+    _oidc_clients: dict[str, OIDCClient] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        engine = make_engine(settings.database_url)
+        store = IdentityLinkStore(engine, settings.client_id)
+        session_keys = KeyRing(
+            engine,
+            "session",
+            kek=settings.key_encryption_key,
+            token_ttl=max(settings.identity_session_ttl, settings.wallet_session_ttl),
+        )
+        sessions = SessionTokens(
+            session_keys,
+            issuer=settings.issuer,
+            client_id=settings.client_id,
+            ttl={IDENTITY: settings.identity_session_ttl, WALLET: settings.wallet_session_ttl},
+            revoked_before=store.sessions_valid_after,
+        )
+        counter: Counter = (
+            RedisCounter(settings.redis_url) if settings.redis_url else SqlCounter(engine)
+        )
+        return cls(
+            settings=settings,
+            engine=engine,
+            store=store,
+            logins=LoginRequests(engine),
+            session_keys=session_keys,
+            sessions=sessions,
+            limiter=RateLimiter(counter),
+            mailer=MailSender(parse_mail_url(settings.mail_url)),
+        )
+
+    def oidc_client(self, name: str) -> OIDCClient:
+        """The client of a configured provider (one per process: it caches discovery and JWKS)."""
+        provider = self.settings.oauth2_provider(name)
+        if provider is None:
+            raise UnknownProvider(f"No OAuth2 provider named {name[:40]!r} is configured.")
+        with self._lock:
+            client = self._oidc_clients.get(name)
+            if client is None:
+                redirect_uri = f"{self.settings.issuer}/auth/oauth2/callback"
+                client = self._oidc_clients[name] = OIDCClient(provider, redirect_uri=redirect_uri)
+        return client
+
+    def keyrings(self) -> list[KeyRing]:
+        return [self.session_keys]

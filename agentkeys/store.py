@@ -1,0 +1,197 @@
+"""IdentityLinkStore: accounts, their linked identities, revocation and spent token ids (§1, §6.4).
+
+Every method is one transaction, safe when several workers or instances share the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from agentkeys.db import accounts, identities, spent_tokens
+from agentkeys.errors import AnchorIdentity, IdentityAlreadyLinked, LastIdentity, NotFound
+from agentkeys.identity import Identity
+
+LINKED = "linked"
+
+
+@dataclass(frozen=True)
+class LinkedIdentity:
+    identity: Identity
+    status: str
+    linked_at: int
+
+
+def now_seconds() -> int:
+    return int(time.time())
+
+
+class IdentityLinkStore:
+    def __init__(
+        self, engine: Engine, client_id: str, clock: Callable[[], int] = now_seconds
+    ) -> None:
+        self.engine = engine
+        self.client_id = client_id
+        self.clock = clock
+
+    def resolve(self, identity: Identity) -> str | None:
+        """The account an identity is linked to, if any."""
+        with self.engine.connect() as conn:
+            return _account_of(conn, identity)
+
+    def sign_in(self, identity: Identity) -> str:
+        """The identity's account; the first sign-in creates one anchored at its omni."""
+        for _ in range(3):  # a concurrent first sign-in of the same identity may win the insert
+            with self.engine.begin() as conn:
+                account = _account_of(conn, identity)
+                if account is not None:
+                    return account
+            try:
+                return self._create(identity)
+            except IntegrityError:
+                continue
+        raise RuntimeError("could not resolve or create the account")  # pragma: no cover
+
+    def _create(self, identity: Identity) -> str:
+        anchor, now = identity.omni(self.client_id), self.clock()
+        with self.engine.begin() as conn:
+            # An anchor retired by a merge comes back to the identity that created it: the
+            # same anchor always means the same person's wallet, never someone else's.
+            revived = conn.execute(
+                update(accounts)
+                .where(accounts.c.anchor == anchor)
+                .values(merged_into=None, sessions_valid_after=now)
+            ).rowcount
+            if not revived:
+                conn.execute(insert(accounts).values(anchor=anchor, created_at=now))
+            conn.execute(
+                insert(identities).values(
+                    identity_type=identity.type,
+                    identity_value=identity.value,
+                    account=anchor,
+                    status=LINKED,
+                    linked_at=now,
+                )
+            )
+        return anchor
+
+    def identities(self, account: str) -> list[LinkedIdentity]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(identities)
+                .where(identities.c.account == account)
+                .order_by(identities.c.linked_at, identities.c.identity_type)
+            ).all()
+        return [
+            LinkedIdentity(Identity(r.identity_type, r.identity_value), r.status, r.linked_at)
+            for r in rows
+        ]
+
+    def merge(self, account: str, proof_account: str, proof_omni: str) -> LinkedIdentity:
+        """Link the identity proved by a session of `proof_account` into `account` (§6.4).
+
+        Allowed when that account holds nothing but the proved identity; the emptied account
+        is retired and its sessions revoked. Already in `account`: no change.
+        """
+        now = self.clock()
+        with self.engine.begin() as conn:
+            _lock_account(conn, proof_account)
+            rows = conn.execute(
+                select(identities).where(identities.c.account == proof_account)
+            ).all()
+            proved = [
+                r
+                for r in rows
+                if Identity(r.identity_type, r.identity_value).omni(self.client_id) == proof_omni
+            ]
+            if not proved:
+                raise IdentityAlreadyLinked("That identity can no longer be linked.")
+            row = proved[0]
+            identity = Identity(row.identity_type, row.identity_value)
+            if proof_account == account:
+                return LinkedIdentity(identity, row.status, row.linked_at)
+            # Merging an account that holds more would hand over identities nobody proved here.
+            if len(rows) != 1:
+                raise IdentityAlreadyLinked("That identity is already linked to another account.")
+            conn.execute(
+                update(identities)
+                .where(identities.c.identity_type == identity.type)
+                .where(identities.c.identity_value == identity.value)
+                .values(account=account, linked_at=now)
+            )
+            conn.execute(
+                update(accounts)
+                .where(accounts.c.anchor == proof_account)
+                .values(merged_into=account, sessions_valid_after=now)
+            )
+        return LinkedIdentity(identity, LINKED, now)
+
+    def unlink(self, account: str, identity: Identity) -> None:
+        """Remove an identity; never the anchor one, never the last; revokes older sessions."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            _lock_account(conn, account)
+            if _account_of(conn, identity) != account:
+                raise NotFound("That identity is not linked to this account.")
+            linked = conn.execute(
+                select(func.count())
+                .select_from(identities)
+                .where(identities.c.account == account, identities.c.status == LINKED)
+            ).scalar_one()
+            if linked <= 1:
+                raise LastIdentity("The last sign-in identity of an account cannot be unlinked.")
+            # The anchor identity stays, so an anchor can never pass to someone else.
+            if identity.omni(self.client_id) == account:
+                raise AnchorIdentity("The identity that created this account cannot be unlinked.")
+            conn.execute(
+                delete(identities)
+                .where(identities.c.identity_type == identity.type)
+                .where(identities.c.identity_value == identity.value)
+            )
+            conn.execute(
+                update(accounts)
+                .where(accounts.c.anchor == account)
+                .values(sessions_valid_after=now)
+            )
+
+    def sessions_valid_after(self, account: str) -> int | None:
+        """Sessions issued before this second are revoked; None for an unknown or merged account."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(accounts.c.sessions_valid_after, accounts.c.merged_into).where(
+                    accounts.c.anchor == account
+                )
+            ).first()
+        if row is None or row.merged_into is not None:
+            return None
+        return int(row.sessions_valid_after)
+
+    def spend(self, jti: str, expires_at: int) -> bool:
+        """Mark a token id used; False if it was already spent (atomic across workers)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(spent_tokens).where(spent_tokens.c.expires_at < self.clock()))
+                conn.execute(insert(spent_tokens).values(jti=jti, expires_at=expires_at))
+        except IntegrityError:
+            return False
+        return True
+
+
+def _account_of(conn: Connection, identity: Identity) -> str | None:
+    return conn.execute(
+        select(identities.c.account).where(
+            identities.c.identity_type == identity.type,
+            identities.c.identity_value == identity.value,
+            identities.c.status == LINKED,
+        )
+    ).scalar_one_or_none()
+
+
+def _lock_account(conn: Connection, account: str) -> None:
+    """Serialise changes to one account's identities (PostgreSQL row lock; SQLite's write lock
+    is already held by BEGIN IMMEDIATE)."""
+    conn.execute(select(accounts.c.anchor).where(accounts.c.anchor == account).with_for_update())
