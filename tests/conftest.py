@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,54 @@ BASE_SETTINGS = Settings(
 )
 
 MakeApp = Callable[..., Flask]
+
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin(statement: str) -> None:
+    engine = make_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    """A migrated PostgreSQL database made for this run (127.0.0.1:5432), dropped at the end."""
+    name = f"agentkeys_tpl_{secrets.token_hex(4)}"
+    _admin(f'CREATE DATABASE "{name}"')
+    engine = make_engine(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    upgrade(engine)
+    engine.dispose()
+    yield name
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_template: str) -> Iterator[str]:
+    """A fresh migrated PostgreSQL database for one test, copied from the run's template."""
+    name = f"agentkeys_t_{secrets.token_hex(4)}"
+    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"')
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite database of this test's own."""
+    url = f"sqlite:///{tmp_path / 'agentkeys.sqlite3'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs once on SQLite and once on PostgreSQL."""
+    url: str = request.getfixturevalue(f"{request.param}_url".replace("postgresql", "postgres"))
+    return url
 
 
 @pytest.fixture

@@ -60,10 +60,11 @@ def release(env: Mapping[str, str]) -> None:
 
 
 @contextmanager
-def gunicorn(env: Mapping[str, str], workers: int = 2) -> Iterator[str]:
-    """Release, then run `gunicorn wsgi:app` with the Procfile's config on a free loopback port."""
+def gunicorn(env: Mapping[str, str], workers: int = 2, port: int | None = None) -> Iterator[str]:
+    """Release, then run `gunicorn wsgi:app` with the Procfile's config on loopback (a free
+    port unless given: pass one when AGENTKEYS_ISSUER must name it)."""
     release(env)
-    port = free_port()
+    port = port or free_port()
     command = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py"]
     command += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "wsgi:app"]
     with subprocess.Popen(command, cwd=ROOT, env=dict(env), stderr=subprocess.PIPE) as process:
