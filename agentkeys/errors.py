@@ -77,6 +77,10 @@ class NotFound(AgentKeysError):
     code = "not_found"
 
 
+class UnknownRequest(NotFound):
+    code = "unknown_request"
+
+
 class Conflict(AgentKeysError):
     code = "conflict"
 

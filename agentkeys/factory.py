@@ -11,6 +11,7 @@ from agentkeys.blueprints import auth, dev_key_service, health, identities
 from agentkeys.blueprints.http import SERVICES_KEY
 from agentkeys.blueprints.problems import register_error_handlers
 from agentkeys.dev_key_service import DEV_ONLY_WARNING, DevKeyService
+from agentkeys.commands import register_commands
 from agentkeys.errors import ConfigError
 from agentkeys.migrate import is_current
 from agentkeys.services import Services
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, *, instance_path: str | None = 
     register_error_handlers(app)
     svc = register_services(app, settings)
     register_blueprints(app, settings)
+    register_commands(app)
     if not settings.is_production:
         generate_dev_keys(svc)
     return app

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, insert, select, update
 
 from agentkeys.db import login_requests
-from agentkeys.errors import NotFound
+from agentkeys.errors import UnknownRequest
 from agentkeys.identity import Identity
 
 REQUEST_TTL = 600
@@ -188,7 +188,7 @@ class LoginRequests:
             ).first()
         # Constant-time: the poll token is a bearer secret.
         if row is None or not hmac.compare_digest(row.poll_token_hash, token_hash(poll_token)):
-            raise NotFound("No such sign-in request.")
+            raise UnknownRequest("No such sign-in request.")
         if row.status == PENDING and row.expires_at <= self.clock():
             return Status(FAILED, error="expired", reason="The sign-in request expired.")
         if row.status == VERIFIED:

@@ -30,6 +30,7 @@ class Services:
     store: IdentityLinkStore
     logins: LoginRequests
     session_keys: KeyRing
+    oidc_keys: KeyRing
     sessions: SessionTokens
     limiter: RateLimiter
     mailer: MailSender
@@ -45,6 +46,9 @@ class Services:
             "session",
             kek=settings.key_encryption_key,
             token_ttl=max(settings.identity_session_ttl, settings.wallet_session_ttl),
+        )
+        oidc_keys = KeyRing(
+            engine, "oidc", kek=settings.key_encryption_key, token_ttl=settings.oidc_ttl
         )
         sessions = SessionTokens(
             session_keys,
@@ -62,6 +66,7 @@ class Services:
             store=store,
             logins=LoginRequests(engine),
             session_keys=session_keys,
+            oidc_keys=oidc_keys,
             sessions=sessions,
             limiter=RateLimiter(counter),
             mailer=MailSender(parse_mail_url(settings.mail_url)),
@@ -80,4 +85,4 @@ class Services:
         return client
 
     def keyrings(self) -> list[KeyRing]:
-        return [self.session_keys]
+        return [self.session_keys, self.oidc_keys]

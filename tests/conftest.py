@@ -23,6 +23,8 @@ from agentkeys.services import Services
 from agentkeys.settings import Secret, Settings
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
+pytest_plugins = ["tests.smtp"]  # the smtp_server fixture
+
 BASE_SETTINGS = Settings(
     env="development",
     issuer="http://127.0.0.1:8000",

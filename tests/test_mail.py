@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import email
-import email.policy
 import io
 import ipaddress
 import logging
-import socket
 import ssl
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import EmailMessage
 from pathlib import Path
@@ -19,7 +16,6 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from cryptography import x509
@@ -31,6 +27,8 @@ from hypothesis import strategies as st
 
 from agentkeys.errors import ConfigError, MailError
 from agentkeys.mail import MailSender, MailTransport, build_sign_in_mail, parse_mail_url
+from tests.live import free_port
+from tests.smtp import Recorder, StartServer
 
 TOKEN = "tok_" + "Qx7" * 14
 LINK = f"https://keys.example.com/auth/email/landing#t={TOKEN}"
@@ -232,60 +230,6 @@ def test_header_injection_refused() -> None:
 
 
 # --- a real SMTP server on loopback ---------------------------------------------------------
-
-
-@dataclass
-class Recorder:
-    """aiosmtpd handler that keeps every envelope it accepts."""
-
-    envelopes: list[Envelope] = field(default_factory=list)
-    authenticated: list[bool] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
-        self.envelopes.append(envelope)
-        self.authenticated.append(bool(session.authenticated))
-        return "250 OK"
-
-    def message(self) -> EmailMessage:
-        (envelope,) = self.envelopes
-        assert isinstance(envelope.content, bytes)
-        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        return parsed
-
-
-@dataclass
-class Server:
-    port: int
-    recorder: Recorder
-
-
-StartServer = Callable[..., Server]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[StartServer]:
-    """Start aiosmtpd on a free 127.0.0.1 port with the given Controller options."""
-    controllers: list[Controller] = []
-
-    def start(**options: Any) -> Server:
-        recorder, port = Recorder(), free_port()
-        controller = Controller(
-            recorder, hostname="127.0.0.1", port=port, server_hostname="localhost", **options
-        )
-        controller.start()
-        controllers.append(controller)
-        return Server(port, recorder)
-
-    yield start
-    for controller in controllers:
-        controller.stop()
 
 
 @dataclass(frozen=True)

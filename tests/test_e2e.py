@@ -1,0 +1,133 @@
+"""The broker's promises end to end under `gunicorn -w 4`, on SQLite and on PostgreSQL:
+email and OAuth2 sign-in, recovery through a linked identity, refusals, shared limits."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+import jwt
+import pytest
+import requests
+
+from agentkeys.crypto import derive_wallet, omni
+from tests.live import clean_env, free_port, gunicorn
+from tests.oidc_provider import OIDCProvider
+from tests.smtp import StartServer, magic_link_token
+from tests.vectors import VECTOR_MASTER
+
+ALICE, BACKUP = "alice@example.com", "alice+backup@example.com"
+
+
+class Broker:
+    def __init__(self, base: str, mailbox: Any) -> None:
+        self.base, self.mailbox = base, mailbox
+
+    def post(self, path: str, body: dict[str, Any], token: str | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.post(self.base + path, json=body, headers=headers, timeout=10)
+
+    def get(self, path: str, token: str | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.get(self.base + path, headers=headers, timeout=10)
+
+    def email_sign_in(self, email: str) -> tuple[dict[str, Any], str]:
+        """The whole magic-link dance; the status body and the magic-link token."""
+        seen = len(self.mailbox.recorder.envelopes)
+        started = self.post("/v1/auth/email/request", {"email": email})
+        assert started.status_code == 202, started.text
+        body = started.json()
+        assert len(self.mailbox.recorder.envelopes) == seen + 1
+        self.mailbox.recorder.envelopes[:] = self.mailbox.recorder.envelopes[-1:]
+        token = magic_link_token(self.mailbox.recorder.message())
+        assert self.post("/v1/auth/email/verify", {"token": token}).json()["ok"] is True
+        status = self.get(body["poll_url"], body["poll_token"]).json()
+        assert status["status"] == "verified", status
+        return status, token
+
+
+def verify_with_jwks(base: str, token: str) -> dict[str, Any]:
+    """pyjwt's own JWKS client fetches the published keys and checks the session."""
+    key = jwt.PyJWKClient(base + "/v1/session-keys").get_signing_key_from_jwt(token)
+    claims: dict[str, Any] = jwt.decode(
+        token, key.key, algorithms=["ES256"], audience="agentkeys:broker", issuer=base
+    )
+    return claims
+
+
+def test_broker_under_four_workers(any_database_url: str, smtp_server: StartServer) -> None:
+    mailbox = smtp_server()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with OIDCProvider(redirect_uris=(f"{base}/auth/oauth2/callback",)) as provider:
+        env = clean_env(
+            AGENTKEYS_ENV="development",
+            AGENTKEYS_ISSUER=base,
+            DATABASE_URL=any_database_url,
+            AGENTKEYS_MAIL_URL=f"smtp://127.0.0.1:{mailbox.port}",
+            DEV_KEY_SERVICE_MASTER_SECRET=VECTOR_MASTER.hex(),
+            AGENTKEYS_KEY_ENCRYPTION_KEY="4b" * 32,
+            AGENTKEYS_OAUTH2_TESTIDP_ISSUER=provider.issuer,
+            AGENTKEYS_OAUTH2_TESTIDP_CLIENT_ID=provider.client_id,
+            AGENTKEYS_OAUTH2_TESTIDP_CLIENT_SECRET=provider.client_secret or "",
+            AGENTKEYS_RATE_LIMITS="verify_ip=40/3600",
+        )
+        with gunicorn(env, workers=4, port=port):
+            broker = Broker(base, mailbox)
+            alice, alice_link = broker.email_sign_in(ALICE)
+            claims = verify_with_jwks(base, alice["session_jwt"])
+            assert claims["account"] == alice["account"] == omni("email", ALICE)
+
+            # A replayed magic link and a wrong token are refused.
+            assert broker.post("/v1/auth/email/verify", {"token": alice_link}).status_code == 400
+            assert broker.post("/v1/auth/email/verify", {"token": "z" * 43}).status_code == 400
+
+            # OAuth2 against the provider on loopback.
+            started = broker.post("/v1/auth/oauth2/start", {"provider": "testidp"}).json()
+            to_callback = requests.get(
+                started["authorization_url"], allow_redirects=False, timeout=10
+            )
+            page = requests.get(to_callback.headers["Location"], timeout=10)
+            assert page.status_code == 200
+            approval = page.text.split('id="approval-token" value="')[1].split('"')[0]
+            assert broker.post("/v1/auth/oauth2/approve", {"approval_token": approval}).ok
+            oauth = broker.get(started["poll_url"], started["poll_token"]).json()
+            assert oauth["account"] == omni("oauth2_testidp", provider.sub)
+            assert verify_with_jwks(base, oauth["session_jwt"])["identity_type"] == "oauth2_testidp"
+
+            # Link a second email; signing in with it gives the same account and wallet.
+            backup, _ = broker.email_sign_in(BACKUP)
+            linked = broker.post(
+                "/v1/identities/link", {"proof": backup["session_jwt"]}, alice["session_jwt"]
+            )
+            assert linked.status_code == 200, linked.text
+            again, _ = broker.email_sign_in(BACKUP)
+            assert again["account"] == alice["account"]
+            wallet = derive_wallet(VECTOR_MASTER, alice["account"]).address
+            for session in (alice, again):
+                derived = broker.post(
+                    "/dev/derive-address",
+                    {"omni_account": alice["account"]},
+                    session["session_jwt"],
+                )
+                assert derived.json() == {"address": wallet, "key_version": 1}
+            # Another account's bearer is refused by the signer.
+            other = broker.post(
+                "/dev/derive-address", {"omni_account": alice["account"]}, oauth["session_jwt"]
+            )
+            assert other.status_code == 403 and other.json()["error"] == "forbidden"
+
+            # The verify limit (40 per hour per IP) holds across the 4 workers.
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                codes = list(
+                    pool.map(
+                        lambda _: (
+                            broker.post("/v1/auth/email/verify", {"token": "y" * 43}).status_code
+                        ),
+                        range(60),
+                    )
+                )
+            # Verifies so far: three magic links, the replay, the wrong token, the OAuth2 approval.
+            used = 6
+            assert codes.count(429) + codes.count(400) == 60
+            assert codes.count(400) == 40 - used, codes

@@ -1,0 +1,422 @@
+"""IdentityLinkStore (PROTOCOL §1, §6.3, §6.4) on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from agentkeys.crypto import omni
+from agentkeys.db import accounts, identities, make_engine, spent_tokens
+from agentkeys.errors import (
+    AgentKeysError,
+    AnchorIdentity,
+    IdentityAlreadyLinked,
+    InvalidEmail,
+    LastIdentity,
+    NotFound,
+)
+from agentkeys.identity import EMAIL, EVM, Identity, canonical_email, canonical_identity
+from agentkeys.sessions import LEEWAY_SECONDS
+from agentkeys.store import SPENT_GRACE_SECONDS, IdentityLinkStore, LinkedIdentity
+
+CLIENT_ID = "agentkeys"
+T0 = 1_700_000_000
+T = TypeVar("T")
+
+ALICE = Identity(EMAIL, "alice@example.com")
+BOB = Identity("oauth2_google", "108234567890123456789")
+CAROL = Identity(EVM, "0x" + "c0" * 20)
+
+
+class Clock:
+    """A settable clock: the store reads whole Unix seconds from it."""
+
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def engine(any_database_url: str) -> Iterator[Engine]:
+    engine = make_engine(any_database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(engine: Engine, clock: Clock) -> IdentityLinkStore:
+    return IdentityLinkStore(engine, CLIENT_ID, clock=clock)
+
+
+def race(threads: int, call: Callable[[], T]) -> list[T]:
+    """Run `call` in `threads` threads released together by a barrier."""
+    barrier = threading.Barrier(threads)
+
+    def run() -> T:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(run) for _ in range(threads)]
+        return [f.result() for f in futures]
+
+
+def count(engine: Engine, table: object) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())  # type: ignore[arg-type]
+
+
+def account_row(engine: Engine, anchor: str) -> tuple[int, str | None] | None:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(accounts.c.sessions_valid_after, accounts.c.merged_into).where(
+                accounts.c.anchor == anchor
+            )
+        ).first()
+    return None if row is None else (int(row.sessions_valid_after), row.merged_into)
+
+
+# --- sign-in and anchors (§1) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("identity", [ALICE, BOB, CAROL], ids=["email", "oauth2", "evm"])
+def test_sign_in_creates_an_account_anchored_at_the_identitys_omni(
+    store: IdentityLinkStore, engine: Engine, clock: Clock, identity: Identity
+) -> None:
+    assert store.resolve(identity) is None
+
+    anchor = store.sign_in(identity)
+
+    assert anchor == omni(identity.type, identity.value, CLIENT_ID)
+    assert store.resolve(identity) == anchor
+    assert store.identities(anchor) == [LinkedIdentity(identity, "linked", T0)]
+    assert store.sessions_valid_after(anchor) == 0
+    clock.now += 100
+    assert store.sign_in(identity) == anchor  # idempotent: no second account, no new link time
+    assert store.identities(anchor) == [LinkedIdentity(identity, "linked", T0)]
+    assert count(engine, accounts) == 1
+    assert count(engine, identities) == 1
+
+
+def test_sign_in_anchor_matches_the_protocol_vector(store: IdentityLinkStore) -> None:
+    anchor = store.sign_in(canonical_identity(EMAIL, "onboard@example.com"))
+    assert anchor == "f677ce5629707f03b345d016721da17ddbe80cc23038e85dbf18ce71f9b340a9"
+
+
+LONGEST_DOMAIN = ".".join(["b" * 63, "c" * 63, "d" * 57]) + ".com"  # 189 characters
+LONGEST_EMAIL = "a" * 64 + "@" + LONGEST_DOMAIN  # 254 characters, the maximum
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("onboard@example.com", "onboard@example.com"),
+        ("Onboard@Example.COM", "onboard@example.com"),
+        ("  onboard@example.com\t", "onboard@example.com"),
+        ("onboard@example.com\r\n", "onboard@example.com"),
+        ("First.Last+tag@Mail.Example.co.uk", "first.last+tag@mail.example.co.uk"),
+        ("a!#$%&*+/=?^_`{|}~-z@x-1.example", "a!#$%&*+/=?^_`{|}~-z@x-1.example"),
+        ("1@2.io", "1@2.io"),
+        (LONGEST_EMAIL.upper(), LONGEST_EMAIL),
+    ],
+)
+def test_email_identities_are_canonical(
+    store: IdentityLinkStore, raw: str, canonical: str
+) -> None:
+    assert canonical_email(raw) == canonical
+    identity = canonical_identity(EMAIL, raw)
+    assert identity == Identity(EMAIL, canonical)
+
+    anchor = store.sign_in(identity)
+
+    assert anchor == omni(EMAIL, canonical, CLIENT_ID)
+    # Every spelling of the address is the same account.
+    assert store.sign_in(canonical_identity(EMAIL, f" {canonical.upper()} ")) == anchor
+    assert store.resolve(Identity(EMAIL, canonical)) == anchor
+
+
+INVALID_EMAILS = [
+    "",
+    "   ",
+    "plain",
+    "@example.com",
+    "onboard@",
+    "onboard@example",  # a domain needs at least one dot
+    "onboard@@example.com",
+    "on@board@example.com",
+    ".onboard@example.com",
+    "onboard.@example.com",
+    "on..board@example.com",
+    "on board@example.com",
+    '"onboard"@example.com',
+    "on,board@example.com",
+    "onboard@example.com,other@example.com",
+    "onboard@example.com\r\nBcc: other@example.com",
+    "onboard\n@example.com",
+    "on\x00board@example.com",
+    "onboard@exa mple.com",
+    "onboard@-example.com",
+    "onboard@example-.com",
+    "onboard@example..com",
+    "onboard@.example.com",
+    "onboard@example.com.",
+    "onboard@exa_mple.com",
+    "onboard@[127.0.0.1]",
+    "onboard@" + "x" * 64 + ".com",  # a label is at most 63 characters
+    "a" + LONGEST_EMAIL,  # 255 characters
+    "önboard@example.com",
+    "onboard@exämple.com",
+    "\u212aelvin@example.com",  # KELVIN SIGN lowercases to ASCII "k": still not ASCII input
+    "onboard@example.com\u200b",
+]
+
+
+@pytest.mark.parametrize("raw", INVALID_EMAILS)
+def test_invalid_emails_are_refused_before_reaching_the_store(
+    store: IdentityLinkStore, engine: Engine, raw: str
+) -> None:
+    with pytest.raises(InvalidEmail) as raised:
+        canonical_email(raw)
+    assert raised.value.code == "invalid_email"
+    with pytest.raises(InvalidEmail):
+        canonical_identity(EMAIL, raw)
+    assert count(engine, accounts) == 0
+
+
+def test_concurrent_first_sign_in_creates_exactly_one_account(
+    store: IdentityLinkStore, engine: Engine
+) -> None:
+    anchors = race(8, lambda: IdentityLinkStore(engine, CLIENT_ID).sign_in(ALICE))
+
+    assert anchors == [omni(ALICE.type, ALICE.value, CLIENT_ID)] * 8
+    assert count(engine, accounts) == 1
+    assert count(engine, identities) == 1
+    assert store.identities(anchors[0])[0].identity == ALICE
+
+
+# --- merge: link with proof (§6.4) --------------------------------------------------------
+
+
+def test_merge_moves_the_proved_identity_into_the_callers_account(
+    store: IdentityLinkStore, engine: Engine, clock: Clock
+) -> None:
+    a, b = store.sign_in(ALICE), store.sign_in(BOB)
+    clock.now = T0 + 60
+
+    linked = store.merge(a, b, BOB.omni(CLIENT_ID))
+
+    assert linked == LinkedIdentity(BOB, "linked", T0 + 60)
+    assert store.resolve(BOB) == a
+    assert store.identities(a) == [
+        LinkedIdentity(ALICE, "linked", T0),
+        LinkedIdentity(BOB, "linked", T0 + 60),
+    ]
+    assert store.identities(b) == []
+    # The emptied account is retired: all its sessions stop working.
+    assert account_row(engine, b) == (T0 + 60, a)
+    assert store.sessions_valid_after(b) is None
+    # The caller's own sessions (the one that asked for the merge) keep working.
+    assert store.sessions_valid_after(a) == 0
+    # Recovery: either identity now signs in to the same account, hence the same wallet.
+    assert store.sign_in(ALICE) == a
+    assert store.sign_in(BOB) == a
+    assert count(engine, accounts) == 2
+
+
+def test_merge_of_an_identity_already_in_the_callers_account_changes_nothing(
+    store: IdentityLinkStore, engine: Engine, clock: Clock
+) -> None:
+    a, b = store.sign_in(ALICE), store.sign_in(BOB)
+    store.merge(a, b, BOB.omni(CLIENT_ID))
+    clock.now = T0 + 120
+    before = store.identities(a)
+
+    assert store.merge(a, a, ALICE.omni(CLIENT_ID)) == LinkedIdentity(ALICE, "linked", T0)
+    assert store.merge(a, a, BOB.omni(CLIENT_ID)) == LinkedIdentity(BOB, "linked", T0)
+
+    assert store.identities(a) == before
+    assert account_row(engine, a) == (0, None)
+    assert store.sessions_valid_after(a) == 0
+
+
+def test_merge_refuses_an_identity_whose_account_holds_others(
+    store: IdentityLinkStore, engine: Engine, clock: Clock
+) -> None:
+    a, b, c = store.sign_in(ALICE), store.sign_in(BOB), store.sign_in(CAROL)
+    store.merge(a, b, BOB.omni(CLIENT_ID))  # a now holds ALICE and BOB
+    clock.now = T0 + 60
+
+    with pytest.raises(IdentityAlreadyLinked) as raised:
+        store.merge(c, a, ALICE.omni(CLIENT_ID))
+    assert raised.value.code == "identity_already_linked"
+    assert a not in raised.value.detail  # nothing about the other account is disclosed
+    # A proof minted by BOB's retired account before the merge is no use either.
+    with pytest.raises(IdentityAlreadyLinked):
+        store.merge(c, b, BOB.omni(CLIENT_ID))
+
+    assert store.resolve(ALICE) == a
+    assert store.resolve(BOB) == a
+    assert store.identities(c) == [LinkedIdentity(CAROL, "linked", T0)]
+    assert account_row(engine, a) == (0, None)
+    assert account_row(engine, c) == (0, None)
+
+
+# --- unlink (§6.3, §6.4) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def linked_pair(store: IdentityLinkStore) -> tuple[str, str]:
+    """Account `a` holding ALICE (anchor) and BOB (merged); account `c` holding only CAROL."""
+    a, b, c = store.sign_in(ALICE), store.sign_in(BOB), store.sign_in(CAROL)
+    store.merge(a, b, BOB.omni(CLIENT_ID))
+    return a, c
+
+
+@pytest.mark.parametrize(
+    ("owner", "identity", "error"),
+    [
+        ("a", CAROL, NotFound),  # another account's identity
+        ("a", Identity(EMAIL, "nobody@example.com"), NotFound),  # linked nowhere
+        ("c", BOB, NotFound),
+        ("c", CAROL, LastIdentity),
+        ("a", ALICE, AnchorIdentity),
+    ],
+    ids=["other-account", "not-linked", "other-account-merged", "last", "anchor"],
+)
+def test_unlink_refusals_change_nothing(
+    store: IdentityLinkStore,
+    engine: Engine,
+    clock: Clock,
+    linked_pair: tuple[str, str],
+    owner: str,
+    identity: Identity,
+    error: type[AgentKeysError],
+) -> None:
+    a, c = linked_pair
+    account = {"a": a, "c": c}[owner]
+    before = {a: store.identities(a), c: store.identities(c)}
+    clock.now = T0 + 300
+
+    with pytest.raises(error):
+        store.unlink(account, identity)
+
+    assert {a: store.identities(a), c: store.identities(c)} == before
+    assert store.sessions_valid_after(a) == 0
+    assert store.sessions_valid_after(c) == 0
+
+
+def test_unlink_removes_the_identity_and_revokes_older_sessions(
+    store: IdentityLinkStore, clock: Clock, linked_pair: tuple[str, str]
+) -> None:
+    a, _ = linked_pair
+    clock.now = T0 + 300
+
+    store.unlink(a, BOB)
+
+    assert store.identities(a) == [LinkedIdentity(ALICE, "linked", T0)]
+    assert store.resolve(BOB) is None
+    assert store.sessions_valid_after(a) == T0 + 300
+    # Now ALICE is the last identity as well as the anchor.
+    with pytest.raises(LastIdentity):
+        store.unlink(a, ALICE)
+    with pytest.raises(NotFound):
+        store.unlink(a, BOB)
+
+
+def test_an_identity_unlinked_after_a_merge_gets_its_old_anchor_back(
+    store: IdentityLinkStore, engine: Engine, clock: Clock
+) -> None:
+    a, b = store.sign_in(ALICE), store.sign_in(BOB)
+    clock.now = T0 + 60
+    store.merge(a, b, BOB.omni(CLIENT_ID))
+    clock.now = T0 + 120
+    store.unlink(a, BOB)
+    assert store.sessions_valid_after(b) is None  # still retired until BOB signs in again
+    clock.now = T0 + 180
+
+    assert store.sign_in(BOB) == b
+
+    assert account_row(engine, b) == (T0 + 180, None)
+    assert store.sessions_valid_after(b) == T0 + 180  # sessions of the old account stay dead
+    assert store.identities(b) == [LinkedIdentity(BOB, "linked", T0 + 180)]
+    assert store.identities(a) == [LinkedIdentity(ALICE, "linked", T0)]
+    assert store.sessions_valid_after(a) == T0 + 120
+    assert count(engine, accounts) == 2
+
+
+def test_sessions_valid_after_is_none_for_an_unknown_account(store: IdentityLinkStore) -> None:
+    assert store.sessions_valid_after("00" * 32) is None
+
+
+# --- spent token ids (§6.4 single-use proofs) ---------------------------------------------
+
+
+def test_spend_is_single_use(store: IdentityLinkStore) -> None:
+    assert store.spend("jti-1", T0 + 600) is True
+    assert store.spend("jti-1", T0 + 600) is False
+    assert store.spend("jti-2", T0 + 600) is True
+
+
+def test_concurrent_spend_of_one_jti_has_exactly_one_winner(
+    store: IdentityLinkStore, engine: Engine
+) -> None:
+    results = race(8, lambda: store.spend("raced-jti", T0 + 600))
+
+    assert sorted(results) == [False] * 7 + [True]
+    assert count(engine, spent_tokens) == 1
+
+
+def test_spend_purges_expired_rows_only_after_verifiers_stop_accepting_them(
+    store: IdentityLinkStore, engine: Engine, clock: Clock
+) -> None:
+    assert SPENT_GRACE_SECONDS >= LEEWAY_SECONDS
+    store.spend("old", T0 + 10)
+    store.spend("fresh", T0 + 1000)
+
+    # Past `exp`, but a verifier with leeway still accepts the token: it must stay spent.
+    clock.now = T0 + 10 + LEEWAY_SECONDS
+    assert store.spend("old", T0 + 10) is False
+    assert count(engine, spent_tokens) == 2
+
+    clock.now = T0 + 11 + SPENT_GRACE_SECONDS
+    assert store.spend("other", T0 + 1000) is True
+    with engine.connect() as conn:
+        left = set(conn.execute(select(spent_tokens.c.jti)).scalars())
+    assert left == {"fresh", "other"}
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+def test_identities_lists_linked_identities_in_link_order(
+    store: IdentityLinkStore, clock: Clock
+) -> None:
+    b = store.sign_in(BOB)
+    clock.now = T0 + 5
+    c = store.sign_in(CAROL)
+    clock.now = T0 + 7
+    a = store.sign_in(ALICE)
+    clock.now = T0 + 20
+    store.merge(b, a, ALICE.omni(CLIENT_ID))
+    clock.now = T0 + 30
+    store.merge(b, c, CAROL.omni(CLIENT_ID))
+
+    assert store.identities(b) == [
+        LinkedIdentity(BOB, "linked", T0),
+        LinkedIdentity(ALICE, "linked", T0 + 20),
+        LinkedIdentity(CAROL, "linked", T0 + 30),
+    ]
+    assert store.identities(a) == []
+    assert store.identities("00" * 32) == []
