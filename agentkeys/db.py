@@ -87,7 +87,9 @@ signing_keys = Table(
     Column("purpose", String(16), nullable=False, index=True),  # session | oidc
     # First-run generation races between workers end on this unique slot.
     Column("slot", String(64), nullable=True, unique=True),
-    Column("private_key", LargeBinary, nullable=False),  # AES-GCM sealed PKCS#8, or dev PEM
+    Column(
+        "private_key", LargeBinary, nullable=False
+    ),  # AES-GCM sealed PKCS#8 DER, or plain DER in development
     Column("sealed", Integer, nullable=False),
     Column("public_jwk", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
@@ -125,7 +127,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(parsed, hide_parameters=True, pool_pre_ping=True, **kwargs)
 
 
+def read_only(engine: Engine) -> Engine:
+    """The same engine and pool for transactions that only read (SQLite: no write lock)."""
+    return engine.execution_options(agentkeys_read_only=True)
+
+
 def _sqlite_begin_immediate(connection: Any) -> None:
+    if connection.get_execution_options().get("agentkeys_read_only"):
+        connection.exec_driver_sql("BEGIN")
+        return
     # Take the write lock when the transaction starts: a deferred transaction that later
     # upgrades to writing can fail at once with "database is locked" under concurrency.
     connection.exec_driver_sql("BEGIN IMMEDIATE")

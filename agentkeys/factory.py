@@ -10,8 +10,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from agentkeys.blueprints import auth, dev_key_service, health, identities
 from agentkeys.blueprints.http import SERVICES_KEY
 from agentkeys.blueprints.problems import register_error_handlers
-from agentkeys.dev_key_service import DEV_ONLY_WARNING, DevKeyService
 from agentkeys.commands import register_commands
+from agentkeys.dev_key_service import DEV_ONLY_WARNING, DevKeyService
 from agentkeys.errors import ConfigError
 from agentkeys.migrate import is_current
 from agentkeys.services import Services

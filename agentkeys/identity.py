@@ -30,8 +30,10 @@ class Identity:
 
 def canonical_email(raw: str) -> str:
     """Trimmed, lowercased, strict ASCII local@domain of at most 254 characters."""
-    email = raw.strip().lower()
-    if len(email) > 254 or not email.isascii() or not _EMAIL.match(email):
+    trimmed = raw.strip()
+    email = trimmed.lower()
+    # ASCII is checked before lowercasing: str.lower() turns KELVIN SIGN (U+212A) into "k".
+    if len(email) > 254 or not trimmed.isascii() or not _EMAIL.match(email):
         raise InvalidEmail("email must be a plain address like name@example.com")
     return email
 

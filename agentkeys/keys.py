@@ -19,18 +19,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from agentkeys.db import signing_keys
+from agentkeys.db import read_only, signing_keys
 from agentkeys.settings import Secret
 
 JWKS_MAX_AGE = 300  # seconds; the Cache-Control max-age of every published JWKS
 RELOAD_SECONDS = 30  # workers re-read the key table at least this often (< JWKS_MAX_AGE)
 UNKNOWN_KID_RELOAD_SECONDS = 5
+VERIFY_LEEWAY = 30  # verifiers accept tokens this long past exp: keep their key published
+
+
+KEK = "AGENTKEYS_KEY_ENCRYPTION_KEY"
+
+
+class KeyUnsealError(RuntimeError):
+    """The stored keys cannot be opened with this process's key-encryption key."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +87,13 @@ class KeyRing:
         self._loaded_at = float("-inf")
 
     def ensure_initial(self) -> None:
-        """Create the first key if there is none; safe when several workers start at once."""
-        if self._rows_exist():
-            return
-        # Another worker may create it first: its insert wins the unique slot; re-read below.
-        with contextlib.suppress(IntegrityError):
-            first = ec.generate_private_key(ec.SECP256R1())
-            self._insert(first, int(self.clock()), f"{self.purpose}:1")
+        """Create the first key if there is none; safe when several workers start at once.
+        Loads every key, so a wrong key-encryption key fails here rather than on first use."""
+        if not self._rows_exist():
+            # Another worker may create it first: its insert wins the unique slot; re-read below.
+            with contextlib.suppress(IntegrityError):
+                first = ec.generate_private_key(ec.SECP256R1())
+                self._insert(first, int(self.clock()), f"{self.purpose}:1")
         self.reload()
 
     def rotate(self) -> SigningKey:
@@ -97,7 +106,7 @@ class KeyRing:
             conn.execute(
                 update(signing_keys)
                 .where(signing_keys.c.purpose == self.purpose, signing_keys.c.retire_at.is_(None))
-                .values(retire_at=signs_from + self.token_ttl)
+                .values(retire_at=signs_from + self.token_ttl + VERIFY_LEEWAY)
             )
         kid = self._insert(key, signs_from, None)
         self.reload()
@@ -124,7 +133,7 @@ class KeyRing:
         return None if key is None else key.private_key.public_key()
 
     def reload(self) -> None:
-        with self.engine.connect() as conn:
+        with read_only(self.engine).connect() as conn:
             rows = conn.execute(
                 select(signing_keys).where(signing_keys.c.purpose == self.purpose)
             ).all()
@@ -189,8 +198,13 @@ class KeyRing:
     def _open(self, kid: str, blob: bytes, sealed: bool) -> ec.EllipticCurvePrivateKey:
         if sealed:
             if self._aead is None:
-                raise RuntimeError("signing keys are sealed: set AGENTKEYS_KEY_ENCRYPTION_KEY")
-            blob = self._aead.decrypt(blob[:12], blob[12:], self._aad(kid))
+                raise KeyUnsealError(f"the {self.purpose} signing keys are sealed: set {KEK}")
+            try:
+                blob = self._aead.decrypt(blob[:12], blob[12:], self._aad(kid))
+            except InvalidTag:
+                raise KeyUnsealError(
+                    f"cannot unseal {self.purpose} key {kid}: {KEK} is wrong"
+                ) from None
         key = serialization.load_der_private_key(blob, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise RuntimeError(f"signing key {kid} is not an EC key")

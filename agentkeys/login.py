@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, insert, select, update
 
-from agentkeys.db import login_requests
+from agentkeys.db import login_requests, read_only
 from agentkeys.errors import UnknownRequest
 from agentkeys.identity import Identity
 
@@ -182,7 +182,7 @@ class LoginRequests:
 
     def status(self, request_id: str, poll_token: str) -> Status:
         """The request's state for its requester; picking up a verified one consumes it."""
-        with self.engine.connect() as conn:
+        with read_only(self.engine).connect() as conn:
             row = conn.execute(
                 select(login_requests).where(login_requests.c.request_id == request_id)
             ).first()

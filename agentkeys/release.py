@@ -12,6 +12,7 @@ import sys
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentkeys.errors import ConfigError
+from agentkeys.keys import KeyUnsealError
 from agentkeys.migrate import upgrade
 from agentkeys.services import Services
 from agentkeys.settings import Settings
@@ -31,6 +32,9 @@ def main() -> int:
             ring.ensure_initial()
     except SQLAlchemyError as exc:
         print(f"agentkeys: database error: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    except KeyUnsealError as exc:
+        print(f"agentkeys: {exc}", file=sys.stderr)
         return 1
     finally:
         services.engine.dispose()

@@ -64,7 +64,9 @@ def parse_limits(raw: str | None) -> dict[str, Limit]:
     for item in filter(None, (part.strip() for part in (raw or "").split(","))):
         name, _, spec = item.partition("=")
         count, _, seconds = spec.partition("/")
-        if name not in DEFAULT_LIMITS or not count.isdigit() or not seconds.isdigit():
+        # isascii: str.isdigit() also accepts superscripts and other scripts' digits.
+        digits = spec.isascii() and count.isdigit() and seconds.isdigit()
+        if name not in DEFAULT_LIMITS or not digits:
             raise ConfigError(
                 f"{LIMITS_VAR} takes name=count/seconds for {', '.join(DEFAULT_LIMITS)}"
             )

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from agentkeys.db import accounts, identities, spent_tokens
+from agentkeys.db import accounts, identities, read_only, spent_tokens
 from agentkeys.errors import AnchorIdentity, IdentityAlreadyLinked, LastIdentity, NotFound
 from agentkeys.identity import Identity
 
 LINKED = "linked"
+# A spent token id is kept this long past its `exp`: verifiers accept a token up to their
+# leeway (sessions.LEEWAY_SECONDS = 30) after `exp`, and it must stay single use until then.
+SPENT_GRACE_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,13 @@ class IdentityLinkStore:
         self, engine: Engine, client_id: str, clock: Callable[[], int] = now_seconds
     ) -> None:
         self.engine = engine
+        self.reader = read_only(engine)
         self.client_id = client_id
         self.clock = clock
 
     def resolve(self, identity: Identity) -> str | None:
         """The account an identity is linked to, if any."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return _account_of(conn, identity)
 
     def sign_in(self, identity: Identity) -> str:
@@ -80,7 +84,7 @@ class IdentityLinkStore:
         return anchor
 
     def identities(self, account: str) -> list[LinkedIdentity]:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(
                 select(identities)
                 .where(identities.c.account == account)
@@ -160,7 +164,7 @@ class IdentityLinkStore:
 
     def sessions_valid_after(self, account: str) -> int | None:
         """Sessions issued before this second are revoked; None for an unknown or merged account."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(
                 select(accounts.c.sessions_valid_after, accounts.c.merged_into).where(
                     accounts.c.anchor == account
@@ -174,7 +178,8 @@ class IdentityLinkStore:
         """Mark a token id used; False if it was already spent (atomic across workers)."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(delete(spent_tokens).where(spent_tokens.c.expires_at < self.clock()))
+                stale = self.clock() - SPENT_GRACE_SECONDS
+                conn.execute(delete(spent_tokens).where(spent_tokens.c.expires_at < stale))
                 conn.execute(insert(spent_tokens).values(jti=jti, expires_at=expires_at))
         except IntegrityError:
             return False

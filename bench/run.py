@@ -34,6 +34,9 @@ from agentkeys.crypto import (
     personal_digest,
     to_checksum_address,
 )
+from agentkeys.identity import EMAIL, Identity
+from agentkeys.services import Services
+from agentkeys.settings import Settings
 from tests.live import ROOT, clean_env, free_port, wait_until_up
 
 ANCHOR = "ab" * 32
@@ -51,14 +54,28 @@ def siwe_message(address: str, domain: str) -> str:
     )
 
 
-def wrk_script(body: dict[str, str] | None) -> str:
+def wrk_script(body: dict[str, str] | None, bearer: str | None = None) -> str:
     if body is None:
         return ""
-    return (
+    script = (
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = {json.dumps(json.dumps(body))}\n"
     )
+    if bearer is not None:
+        script += f'wrk.headers["Authorization"] = "Bearer {bearer}"\n'
+    return script
+
+
+def signed_in_account(env: dict[str, str]) -> tuple[str, str]:
+    """Release the database, sign a person in, and return their anchor and session token."""
+    subprocess.run([sys.executable, "-m", "agentkeys.release"], cwd=ROOT, env=env, check=True)
+    services = Services.build(Settings.from_env(env))
+    identity = Identity(EMAIL, "bench@example.com")
+    anchor = services.store.sign_in(identity)
+    token, _ = services.sessions.mint(anchor, identity)
+    services.engine.dispose()
+    return anchor, token
 
 
 def server_cpu_seconds(master_pid: int) -> float:
@@ -90,25 +107,29 @@ class Measured:
     cpu_us: list[float] = field(default_factory=list)  # server CPU per request
 
 
-def http_benchmark(seconds: int, rounds: int, connections: int) -> dict[str, Measured]:
+def http_benchmark(
+    seconds: int, rounds: int, connections: int, database_url: str
+) -> dict[str, Measured]:
     master = secrets.token_bytes(32)
     port = free_port()
-    address = derive_wallet(master, ANCHOR).address
     domain = f"127.0.0.1:{port}"
-    bodies: dict[str, dict[str, str] | None] = {
-        "/healthz": None,
-        "/dev/derive-address": {"omni_account": ANCHOR},
-        "/dev/sign-message": {
-            "omni_account": ANCHOR,
-            "message_hex": siwe_message(address, domain).encode().hex(),
-        },
-    }
     env = clean_env(
         AGENTKEYS_ENV="development",
         AGENTKEYS_ISSUER=f"http://{domain}",
         AGENTKEYS_ACCESS_LOG="off",
         DEV_KEY_SERVICE_MASTER_SECRET=master.hex(),
+        DATABASE_URL=database_url,
     )
+    anchor, bearer = signed_in_account(env)
+    address = derive_wallet(master, anchor).address
+    bodies: dict[str, dict[str, str] | None] = {
+        "/healthz": None,
+        "/dev/derive-address": {"omni_account": anchor},
+        "/dev/sign-message": {
+            "omni_account": anchor,
+            "message_hex": siwe_message(address, domain).encode().hex(),
+        },
+    }
     command = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py"]
     command += ["--bind", domain, "--workers", "2", "wsgi:app"]
     results = {path: Measured() for path in bodies}
@@ -121,7 +142,7 @@ def http_benchmark(seconds: int, rounds: int, connections: int) -> dict[str, Mea
             scripts = {}
             for index, (path, body) in enumerate(bodies.items()):
                 scripts[path] = Path(tmp, f"{index}.lua")
-                scripts[path].write_text(wrk_script(body))
+                scripts[path].write_text(wrk_script(body, bearer))
             for number in range(1, rounds + 1):
                 for path in bodies:
                     cpu_before = server_cpu_seconds(server.pid)
@@ -187,12 +208,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5, help="length of one wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians kept")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
+    parser.add_argument("--database-url", help="default: a new SQLite file")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench: needs wrk (Debian: apt-get install -y wrk)", file=sys.stderr)
         return 2
     print(f"bench: {os.cpu_count()} cores; gunicorn -w 2 on loopback; wrk -t2 -c{args.connections}")
-    results = http_benchmark(args.seconds, args.rounds, args.connections)
+    with tempfile.TemporaryDirectory() as tmp:
+        database_url = args.database_url or f"sqlite:///{tmp}/bench.sqlite3"
+        results = http_benchmark(args.seconds, args.rounds, args.connections, database_url)
     rps = {path: statistics.median(m.rps) for path, m in results.items()}
     cpu = {path: statistics.median(m.cpu_us) for path, m in results.items()}
     base = rps["/healthz"]

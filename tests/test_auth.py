@@ -36,8 +36,8 @@ def app(make_app: MakeApp, mailbox: Server) -> Flask:
 def request_email(client: FlaskClient, email: str = EMAIL) -> dict[str, Any]:
     response = client.post("/v1/auth/email/request", json={"email": email})
     assert response.status_code == 202, response.json
-    assert response.json is not None
-    return response.json
+    body: dict[str, Any] = response.get_json()
+    return body
 
 
 def poll(client: FlaskClient, started: dict[str, Any], token: str | None = None) -> Any:
@@ -236,8 +236,8 @@ def oauth_app(make_app: MakeApp, provider: OIDCProvider) -> Flask:
 def start_oauth2(client: FlaskClient) -> dict[str, Any]:
     response = client.post("/v1/auth/oauth2/start", json={"provider": "test"})
     assert response.status_code == 200, response.json
-    assert response.json is not None
-    return response.json
+    body: dict[str, Any] = response.get_json()
+    return body
 
 
 def provider_redirect(started: dict[str, Any]) -> str:
@@ -308,3 +308,26 @@ def test_oauth2_unknown_provider_and_bad_state(oauth_app: Flask) -> None:
     assert page.status_code == 400 and page.headers["Content-Security-Policy"].startswith(
         "default-src"
     )
+
+
+def test_client_ip_from_forwarded_for_only_behind_trusted_proxies(make_app: MakeApp) -> None:
+    from agentkeys.settings import DEFAULT_LIMITS, Limit
+
+    limits = {**DEFAULT_LIMITS, "verify_ip": Limit(1, 60)}
+
+    def codes(client: FlaskClient, forwarded: list[str]) -> list[int]:
+        return [
+            client.post(
+                "/v1/auth/email/verify", json={"token": "x"}, headers={"X-Forwarded-For": ip}
+            ).status_code
+            for ip in forwarded
+        ]
+
+    # No trusted proxy: X-Forwarded-For is the client's own words and changes nothing.
+    direct = make_app(rate_limits=limits).test_client()
+    assert codes(direct, ["198.51.100.1", "198.51.100.2"]) == [400, 429]
+    # One trusted proxy: its X-Forwarded-For names the client, so each address has its own limit.
+    proxied = make_app(rate_limits=limits, trusted_proxies=1).test_client()
+    assert codes(proxied, ["198.51.100.3", "198.51.100.4", "198.51.100.3"]) == [400, 400, 429]
+    # A client-made entry before the proxy's own does not help: only the last hop counts.
+    assert codes(proxied, ["203.0.113.9, 198.51.100.4"]) == [429]

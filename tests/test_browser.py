@@ -7,12 +7,7 @@ the driver and the browser are always given by path, so nothing is downloaded.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,17 +15,15 @@ from typing import Any
 
 import pytest
 import requests
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as SMTPServer
-from aiosmtpd.smtp import Envelope, Session
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.live import clean_env, free_port, gunicorn
+from tests.smtp import StartServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -46,35 +39,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 REPLAY_REFUSED = "This sign-in link is invalid, expired or already used."
-
-
-@dataclass
-class Inbox:
-    """aiosmtpd handler that keeps every envelope it accepts."""
-
-    envelopes: list[Envelope] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
-        self.envelopes.append(envelope)
-        return "250 OK"
-
-    def only_message(self) -> EmailMessage:
-        (envelope,) = self.envelopes
-        assert isinstance(envelope.content, bytes)
-        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(message, EmailMessage)
-        return message
-
-
-@contextmanager
-def smtp_on_loopback() -> Iterator[tuple[int, Inbox]]:
-    inbox, port = Inbox(), free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port, server_hostname="localhost")
-    controller.start()
-    try:
-        yield port, inbox
-    finally:
-        controller.stop()
 
 
 class LinkFinder(HTMLParser):
@@ -94,20 +58,26 @@ def sign_in_link(message: EmailMessage, issuer: str) -> str:
     plain, rich = message.get_body(("plain",)), message.get_body(("html",))
     assert isinstance(plain, EmailMessage) and isinstance(rich, EmailMessage)
     pattern = re.escape(issuer) + r"/auth/email/landing#t=[A-Za-z0-9_-]{43,}"
-    (link,) = re.findall(pattern, plain.get_content())
+    links: list[str] = re.findall(pattern, plain.get_content())
+    assert len(links) == 1, links
+    link = links[0]
     finder = LinkFinder()
     finder.feed(rich.get_content())
     assert finder.hrefs == [link]
     return link
 
 
+def require_chromium() -> None:
+    """Fail, never skip: CI installs the packages, so a missing browser is a broken set-up."""
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} missing: the browser test needs Debian's packages, "
+            "install them with `apt-get install -y chromium chromium-driver` (.ci/run does)"
+        )
+
+
 def chromium(tmp_path: Path) -> WebDriver:
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not path.is_file():
-            pytest.fail(
-                f"{path} is missing: the browser test needs Debian's packages "
-                f"(apt-get install -y chromium chromium-driver; .ci/run does it); no {package}"
-            )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
@@ -116,6 +86,12 @@ def chromium(tmp_path: Path) -> WebDriver:
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     driver.set_page_load_timeout(10)
     return driver
+
+
+def console(driver: WebDriver) -> list[str]:
+    """Browser console messages since the last call (chromedriver drains the log on reading)."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [str(entry["message"]) for entry in entries]
 
 
 def poll(base: str, started: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +111,9 @@ def result_text(driver: WebDriver, needle: str) -> str:
     try:
         WebDriverWait(driver, 10).until(lambda _: needle in result.text)
     except TimeoutException:
-        console = [entry["message"] for entry in driver.get_log("browser")]
-        pytest.fail(f"#result shows {result.text!r}, not {needle!r}; browser console: {console}")
+        pytest.fail(
+            f"#result shows {result.text!r}, not {needle!r}; browser console: {console(driver)}"
+        )
     return str(result.text)
 
 
@@ -164,69 +141,70 @@ def assert_strict_headers(base: str) -> None:
     assert again.headers["Content-Security-Policy"] != csp  # a fresh nonce per response
 
 
-def test_magic_link_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_magic_link_in_chromium(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp_server: StartServer
+) -> None:
+    require_chromium()
     monkeypatch.setenv("SE_OFFLINE", "true")  # belt and braces: Selenium Manager fetches nothing
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
-    with smtp_on_loopback() as (smtp_port, inbox):
-        env = clean_env(
-            AGENTKEYS_ENV="development",
-            AGENTKEYS_ISSUER=issuer,
-            DATABASE_URL=f"sqlite:///{tmp_path / 'agentkeys.sqlite3'}",
-            AGENTKEYS_MAIL_URL=f"smtp://127.0.0.1:{smtp_port}",
+    mailbox = smtp_server()
+    smtp_port, inbox = mailbox.port, mailbox.recorder
+    env = clean_env(
+        AGENTKEYS_ENV="development",
+        AGENTKEYS_ISSUER=issuer,
+        DATABASE_URL=f"sqlite:///{tmp_path / 'agentkeys.sqlite3'}",
+        AGENTKEYS_MAIL_URL=f"smtp://127.0.0.1:{smtp_port}",
+    )
+    with gunicorn(env, workers=2, port=port) as base:
+        assert_strict_headers(base)
+
+        response = requests.post(
+            base + "/v1/auth/email/request", json={"email": "alice@example.com"}, timeout=10
         )
-        with gunicorn(env, workers=2, port=port) as base:
-            assert_strict_headers(base)
+        assert response.status_code == 202, response.text
+        started = response.json()
+        assert poll(base, started) == {"status": "pending"}
+        message = inbox.message()
+        assert message["To"] == "alice@example.com"
+        link = sign_in_link(message, issuer)
 
-            response = requests.post(
-                base + "/v1/auth/email/request", json={"email": "alice@example.com"}, timeout=10
-            )
-            assert response.status_code == 202, response.text
-            started = response.json()
+        driver = chromium(tmp_path)
+        try:
+            # Opening the link (as a mail scanner would) burns nothing.
+            open_landing(driver, link)
             assert poll(base, started) == {"status": "pending"}
-            message = inbox.only_message()
-            assert message["To"] == "alice@example.com"
-            link = sign_in_link(message, issuer)
 
-            driver = chromium(tmp_path)
-            try:
-                # Opening the link (as a mail scanner would) burns nothing.
-                open_landing(driver, link)
-                assert poll(base, started) == {"status": "pending"}
+            driver.find_element(By.ID, "approve").click()
+            shown = result_text(driver, started["user_code"])
+            assert shown.startswith("Approved.")
+            assert "#" not in driver.current_url  # the token leaves the history entry
 
-                driver.find_element(By.ID, "approve").click()
-                shown = result_text(driver, started["user_code"])
-                assert shown.startswith("Approved.")
-                assert "#" not in driver.current_url  # the token leaves the history entry
+            verified = poll(base, started)
+            assert verified["status"] == "verified"
+            assert verified["identity_type"] == "email"
+            assert verified["session_jwt"].count(".") == 2
+            assert poll(base, started) == {"status": "consumed"}
 
-                verified = poll(base, started)
-                assert verified["status"] == "verified"
-                assert verified["identity_type"] == "email"
-                assert verified["session_jwt"].count(".") == 2
-                assert poll(base, started) == {"status": "consumed"}
+            # The same link again: the page loads, but the server refuses the replay.
+            open_landing(driver, link)
+            driver.find_element(By.ID, "approve").click()
+            assert result_text(driver, REPLAY_REFUSED) == REPLAY_REFUSED
+            assert driver.find_element(By.ID, "result").get_attribute("class") == "error"
 
-                # The same link again: the page loads, but the server refuses the replay.
-                open_landing(driver, link)
-                driver.find_element(By.ID, "approve").click()
-                assert result_text(driver, REPLAY_REFUSED) == REPLAY_REFUSED
-                assert driver.find_element(By.ID, "result").get_attribute("class") == "error"
+            violations = [m for m in console(driver) if "Content Security Policy" in m]
+            assert violations == [], violations
 
-                logs = driver.get_log("browser")
-                violations = [e for e in logs if "Content Security Policy" in e["message"]]
-                assert violations == [], violations
-
-                # Control: the log check can see a violation (an inline script without the
-                # nonce is refused and reported), so the assertion above is not vacuous.
-                driver.execute_script(
-                    "var s = document.createElement('script');"
-                    "s.textContent = 'document.title = \"inline ran\"';"
-                    "document.body.appendChild(s);"
-                )
-                WebDriverWait(driver, 5).until(
-                    lambda d: any(
-                        "Content Security Policy" in e["message"] for e in d.get_log("browser")
-                    )
-                )
-                assert driver.title != "inline ran"
-            finally:
-                driver.quit()
+            # Control: the log check can see a violation (an inline script without the
+            # nonce is refused and reported), so the assertion above is not vacuous.
+            driver.execute_script(
+                "var s = document.createElement('script');"
+                "s.textContent = 'document.title = \"inline ran\"';"
+                "document.body.appendChild(s);"
+            )
+            WebDriverWait(driver, 5).until(
+                lambda _: any("Content Security Policy" in m for m in console(driver))
+            )
+            assert driver.title != "inline ran"
+        finally:
+            driver.quit()

@@ -7,7 +7,7 @@ import concurrent.futures
 from typing import Any
 
 import jwt
-import pytest
+import redis
 import requests
 
 from agentkeys.crypto import derive_wallet, omni
@@ -55,8 +55,15 @@ def verify_with_jwks(base: str, token: str) -> dict[str, Any]:
     return claims
 
 
+REDIS_TEST_URL = "redis://127.0.0.1:6379/15"  # a database of its own, emptied per run
+
+
 def test_broker_under_four_workers(any_database_url: str, smtp_server: StartServer) -> None:
+    """On PostgreSQL the limits live in Redis; on SQLite in the database."""
     mailbox = smtp_server()
+    limits_in_redis = any_database_url.startswith("postgresql")
+    if limits_in_redis:
+        redis.Redis.from_url(REDIS_TEST_URL).flushdb()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with OIDCProvider(redirect_uris=(f"{base}/auth/oauth2/callback",)) as provider:
@@ -71,6 +78,7 @@ def test_broker_under_four_workers(any_database_url: str, smtp_server: StartServ
             AGENTKEYS_OAUTH2_TESTIDP_CLIENT_ID=provider.client_id,
             AGENTKEYS_OAUTH2_TESTIDP_CLIENT_SECRET=provider.client_secret or "",
             AGENTKEYS_RATE_LIMITS="verify_ip=40/3600",
+            **({"AGENTKEYS_REDIS_URL": REDIS_TEST_URL} if limits_in_redis else {}),
         )
         with gunicorn(env, workers=4, port=port):
             broker = Broker(base, mailbox)
@@ -131,3 +139,6 @@ def test_broker_under_four_workers(any_database_url: str, smtp_server: StartServ
             used = 6
             assert codes.count(429) + codes.count(400) == 60
             assert codes.count(400) == 40 - used, codes
+            if limits_in_redis:
+                counters = redis.Redis.from_url(REDIS_TEST_URL).keys("agentkeys:limit:verify_ip:*")
+                assert len(counters) == 1

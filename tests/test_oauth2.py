@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -100,8 +101,17 @@ def sign_in(client: OIDCClient) -> tuple[str, str]:
     return client.exchange_code(code, verifier), nonce
 
 
+@dataclass(frozen=True)
+class Now:
+    """A time relative to when the test runs (a table is built when the module is imported)."""
+
+    offset: int
+
+
 def resolve(provider: OIDCProvider, value: Any) -> Any:
     """Parametrize tables name the running provider's values as "ISSUER/" and "CLIENT"."""
+    if isinstance(value, Now):
+        return int(time.time()) + value.offset
     if isinstance(value, list):
         return [resolve(provider, item) for item in value]
     return {"ISSUER/": provider.issuer + "/", "CLIENT": provider.client_id}.get(value, value)
@@ -336,8 +346,8 @@ def test_unreachable_provider_is_an_oauth2_error() -> None:
         ({"iss": "ISSUER/"}, "the id_token was issued by another issuer"),
         ({"aud": "another-client"}, "the id_token is for another client (aud)"),
         ({"aud": ["another-client", "third"]}, "the id_token is for another client (aud)"),
-        ({"exp": int(time.time()) - 61}, "the id_token has expired"),
-        ({"iat": int(time.time()) + 600}, "the id_token is issued in the future"),
+        ({"exp": Now(-61)}, "the id_token has expired"),
+        ({"iat": Now(600)}, "the id_token is issued in the future"),
         ({"nonce": "not-the-nonce"}, "the id_token nonce does not match this sign-in"),
         ({"nonce": 12345}, "the id_token nonce does not match this sign-in"),
         ({"nonce": None}, "the id_token lacks the nonce claim"),
@@ -369,7 +379,7 @@ def test_id_token_check_fails_for_its_reason(
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"exp": int(time.time()) - 30},  # within the 60 s leeway
+        {"exp": Now(-30)},  # within the 60 s leeway
         {"aud": ["CLIENT", "other"], "azp": "CLIENT"},
         {"sub": "x" * 255},
     ],
