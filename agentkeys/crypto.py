@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import re
 from dataclasses import dataclass, field
 
@@ -114,8 +113,8 @@ def derive_wallet(master: bytes, anchor: str) -> Wallet:
     return Wallet(address=address_of(key.public_key), _key=key)
 
 
-def recover_personal(message: bytes, signature: str) -> str:
-    """EIP-55 address that produced an EIP-191 signature; v in {0, 1, 27, 28}, high-s refused."""
+def parse_signature(signature: str) -> bytes:
+    """A well-formed 65-byte r ‖ s ‖ v signature (optional 0x), v as the recovery id 0/1."""
     body = signature[2:] if signature[:2] in ("0x", "0X") else signature
     try:
         raw = bytes.fromhex(body)
@@ -131,15 +130,16 @@ def recover_personal(message: bytes, signature: str) -> str:
     # Malleability: only the low-s form is accepted, as Ethereum does since EIP-2.
     if s > SECP256K1_N // 2:
         raise InvalidSignature("signature s is in the upper half of the curve order")
+    return raw[:64] + bytes([v % 27])
+
+
+def recover_personal(message: bytes, signature: str) -> str:
+    """EIP-55 address that produced an EIP-191 signature; v in {0, 1, 27, 28}, high-s refused."""
+    raw = parse_signature(signature)
     try:
         public_key = PublicKey.from_signature_and_message(
-            raw[:64] + bytes([v % 27]), personal_digest(message), hasher=None
+            raw, personal_digest(message), hasher=None
         )
     except Exception:  # libsecp256k1 raises plain Exception when no point recovers
         raise InvalidSignature("signature does not recover to a public key") from None
     return address_of(public_key)
-
-
-def same_secret(a: bytes, b: bytes) -> bool:
-    """Constant-time equality for secrets (timing must not leak how many bytes matched)."""
-    return hmac.compare_digest(a, b)

@@ -97,6 +97,27 @@ signing_keys = Table(
     Column("retire_at", BigInteger, nullable=True),
 )
 
+siwe_challenges = Table(
+    "siwe_challenges",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("address", String(42), nullable=False),  # lowercase
+    Column("account", String(64), nullable=True),  # the bound account, or NULL (plain sign-in)
+    Column("message", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | used
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False, index=True),
+)
+
+# A wallet an account asked to link, until a bound SIWE signature proves it (§6.4).
+wallet_links = Table(
+    "wallet_links",
+    metadata,
+    Column("account", String(64), ForeignKey("accounts.anchor"), primary_key=True),
+    Column("address", String(42), primary_key=True),
+    Column("requested_at", BigInteger, nullable=False),
+)
+
 rate_limits = Table(
     "rate_limits",
     metadata,

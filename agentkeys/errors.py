@@ -115,3 +115,25 @@ class OAuth2Error(AgentKeysError):
     """An OAuth2/OIDC provider sign-in failed: discovery, code exchange or id_token check."""
 
     code = "oauth2_failed"
+
+
+class ChainNotAllowed(InvalidRequest):
+    code = "chain_not_allowed"
+
+
+class ChallengeUsed(Unauthorized):
+    code = "challenge_used"
+
+
+class ChallengeExpired(Unauthorized):
+    code = "challenge_expired"
+
+
+class WrongSigner(Unauthorized):
+    """A well-formed signature by another key than the challenge's address."""
+
+    code = "invalid_signature"
+
+
+class WalletSessionRequired(Forbidden):
+    code = "wallet_session_required"

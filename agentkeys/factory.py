@@ -7,7 +7,7 @@ import logging
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from agentkeys.blueprints import auth, dev_key_service, health, identities
+from agentkeys.blueprints import auth, dev_key_service, health, identities, wallet
 from agentkeys.blueprints.http import SERVICES_KEY
 from agentkeys.blueprints.problems import register_error_handlers
 from agentkeys.commands import register_commands
@@ -70,6 +70,7 @@ def register_blueprints(app: Flask, settings: Settings) -> None:
     app.register_blueprint(health.create_blueprint())
     app.register_blueprint(auth.create_blueprint())
     app.register_blueprint(identities.create_blueprint())
+    app.register_blueprint(wallet.create_blueprint())
     service = None
     if settings.dev_master_secret is not None:
         service = DevKeyService(settings.dev_master_secret, settings)

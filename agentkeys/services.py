@@ -13,10 +13,12 @@ from agentkeys.keys import KeyRing
 from agentkeys.login import LoginRequests
 from agentkeys.mail import MailSender, parse_mail_url
 from agentkeys.oauth2 import OIDCClient
+from agentkeys.oidc import OIDCTokens
 from agentkeys.ratelimit import Counter, RateLimiter, RedisCounter, SqlCounter
 from agentkeys.sessions import IDENTITY, WALLET, SessionTokens
 from agentkeys.settings import Settings
 from agentkeys.store import IdentityLinkStore
+from agentkeys.wallet import WalletChallenges
 
 
 class UnknownProvider(InvalidRequest):
@@ -34,6 +36,8 @@ class Services:
     sessions: SessionTokens
     limiter: RateLimiter
     mailer: MailSender
+    wallet: WalletChallenges
+    oidc: OIDCTokens
     _oidc_clients: dict[str, OIDCClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,6 +74,15 @@ class Services:
             sessions=sessions,
             limiter=RateLimiter(counter),
             mailer=MailSender(parse_mail_url(settings.mail_url)),
+            wallet=WalletChallenges(
+                engine, store, issuer=settings.issuer, chain_ids=settings.siwe_chain_ids
+            ),
+            oidc=OIDCTokens(
+                oidc_keys,
+                issuer=settings.issuer,
+                audience=settings.oidc_audience,
+                ttl=settings.oidc_ttl,
+            ),
         )
 
     def oidc_client(self, name: str) -> OIDCClient:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from agentkeys.db import accounts, identities, read_only, spent_tokens
+from agentkeys.db import accounts, identities, read_only, spent_tokens, wallet_links
 from agentkeys.errors import AnchorIdentity, IdentityAlreadyLinked, LastIdentity, NotFound
-from agentkeys.identity import Identity
+from agentkeys.identity import EVM, Identity
 
 LINKED = "linked"
+PENDING_PROOF = "pending_proof"
 # A spent token id is kept this long past its `exp`: verifiers accept a token up to their
 # leeway (sessions.LEEWAY_SECONDS = 30) after `exp`, and it must stay single use until then.
 SPENT_GRACE_SECONDS = 60
@@ -84,15 +85,24 @@ class IdentityLinkStore:
         return anchor
 
     def identities(self, account: str) -> list[LinkedIdentity]:
+        """Linked identities, then wallets waiting for their proof."""
         with self.reader.connect() as conn:
             rows = conn.execute(
                 select(identities)
                 .where(identities.c.account == account)
                 .order_by(identities.c.linked_at, identities.c.identity_type)
             ).all()
-        return [
+            pending = conn.execute(
+                select(wallet_links)
+                .where(wallet_links.c.account == account)
+                .order_by(wallet_links.c.requested_at, wallet_links.c.address)
+            ).all()
+        linked = [
             LinkedIdentity(Identity(r.identity_type, r.identity_value), r.status, r.linked_at)
             for r in rows
+        ]
+        return linked + [
+            LinkedIdentity(Identity(EVM, r.address), PENDING_PROOF, r.requested_at) for r in pending
         ]
 
     def merge(self, account: str, proof_account: str, proof_omni: str) -> LinkedIdentity:
@@ -160,6 +170,56 @@ class IdentityLinkStore:
                 update(accounts)
                 .where(accounts.c.anchor == account)
                 .values(sessions_valid_after=now)
+            )
+
+    def request_wallet_link(self, account: str, address: str) -> str:
+        """Record that `account` wants to link wallet `address`: `linked` if it already is,
+        else `pending_proof` until a bound SIWE signature confirms it."""
+        self.check_wallet_linkable(account, address)
+        with self.engine.begin() as conn:
+            if _account_of(conn, Identity(EVM, address)) == account:
+                return LINKED
+            exists = conn.execute(
+                select(wallet_links.c.address).where(
+                    wallet_links.c.account == account, wallet_links.c.address == address
+                )
+            ).first()
+            if exists is None:
+                conn.execute(
+                    insert(wallet_links).values(
+                        account=account, address=address, requested_at=self.clock()
+                    )
+                )
+        return PENDING_PROOF
+
+    def check_wallet_linkable(self, account: str, address: str) -> None:
+        """409 when the wallet is confirmed for another account (disclosing nothing more)."""
+        owner = self.resolve(Identity(EVM, address))
+        if owner is not None and owner != account:
+            raise IdentityAlreadyLinked("That wallet is already linked to another account.")
+
+    def confirm_wallet(self, account: str, address: str) -> None:
+        """A bound SIWE signature proved control: link the wallet to `account`."""
+        wallet, now = Identity(EVM, address), self.clock()
+        with self.engine.begin() as conn:
+            _lock_account(conn, account)
+            owner = _account_of(conn, wallet)
+            if owner is not None and owner != account:
+                raise IdentityAlreadyLinked("That wallet is already linked to another account.")
+            if owner is None:
+                conn.execute(
+                    insert(identities).values(
+                        identity_type=EVM,
+                        identity_value=address,
+                        account=account,
+                        status=LINKED,
+                        linked_at=now,
+                    )
+                )
+            conn.execute(
+                delete(wallet_links).where(
+                    wallet_links.c.account == account, wallet_links.c.address == address
+                )
             )
 
     def sessions_valid_after(self, account: str) -> int | None:
