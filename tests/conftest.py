@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import insert, select
+from sqlalchemy import Engine, insert, select
 
 from agentkeys.blueprints.http import SERVICES_KEY
 from agentkeys.db import accounts, make_engine
@@ -80,6 +80,32 @@ def any_database_url(request: pytest.FixtureRequest) -> str:
     """Each test using this runs once on SQLite and once on PostgreSQL."""
     url: str = request.getfixturevalue(f"{request.param}_url".replace("postgresql", "postgres"))
     return url
+
+
+@pytest.fixture
+def engine(any_database_url: str) -> Iterator[Engine]:
+    """An engine on a fresh migrated database: once SQLite, once PostgreSQL."""
+    engine = make_engine(any_database_url)
+    yield engine
+    engine.dispose()
+
+
+T0 = 1_700_000_000
+
+
+class Clock:
+    """A settable clock of whole Unix seconds, for code that takes `clock=`."""
+
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
 
 
 @pytest.fixture

@@ -11,39 +11,13 @@ import redis
 import requests
 
 from agentkeys.crypto import derive_wallet, omni
-from tests.live import clean_env, free_port, gunicorn
+from tests.broker import Broker, broker_env
+from tests.live import free_port, gunicorn
 from tests.oidc_provider import OIDCProvider
-from tests.smtp import StartServer, magic_link_token
+from tests.smtp import StartServer
 from tests.vectors import VECTOR_MASTER
 
 ALICE, BACKUP = "alice@example.com", "alice+backup@example.com"
-
-
-class Broker:
-    def __init__(self, base: str, mailbox: Any) -> None:
-        self.base, self.mailbox = base, mailbox
-
-    def post(self, path: str, body: dict[str, Any], token: str | None = None) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return requests.post(self.base + path, json=body, headers=headers, timeout=10)
-
-    def get(self, path: str, token: str | None = None) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return requests.get(self.base + path, headers=headers, timeout=10)
-
-    def email_sign_in(self, email: str) -> tuple[dict[str, Any], str]:
-        """The whole magic-link dance; the status body and the magic-link token."""
-        seen = len(self.mailbox.recorder.envelopes)
-        started = self.post("/v1/auth/email/request", {"email": email})
-        assert started.status_code == 202, started.text
-        body = started.json()
-        assert len(self.mailbox.recorder.envelopes) == seen + 1
-        self.mailbox.recorder.envelopes[:] = self.mailbox.recorder.envelopes[-1:]
-        token = magic_link_token(self.mailbox.recorder.message())
-        assert self.post("/v1/auth/email/verify", {"token": token}).json()["ok"] is True
-        status = self.get(body["poll_url"], body["poll_token"]).json()
-        assert status["status"] == "verified", status
-        return status, token
 
 
 def verify_with_jwks(base: str, token: str) -> dict[str, Any]:
@@ -67,13 +41,10 @@ def test_broker_under_four_workers(any_database_url: str, smtp_server: StartServ
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with OIDCProvider(redirect_uris=(f"{base}/auth/oauth2/callback",)) as provider:
-        env = clean_env(
-            AGENTKEYS_ENV="development",
-            AGENTKEYS_ISSUER=base,
-            DATABASE_URL=any_database_url,
-            AGENTKEYS_MAIL_URL=f"smtp://127.0.0.1:{mailbox.port}",
-            DEV_KEY_SERVICE_MASTER_SECRET=VECTOR_MASTER.hex(),
-            AGENTKEYS_KEY_ENCRYPTION_KEY="4b" * 32,
+        env = broker_env(
+            base,
+            any_database_url,
+            mailbox,
             AGENTKEYS_OAUTH2_TESTIDP_ISSUER=provider.issuer,
             AGENTKEYS_OAUTH2_TESTIDP_CLIENT_ID=provider.client_id,
             AGENTKEYS_OAUTH2_TESTIDP_CLIENT_SECRET=provider.client_secret or "",

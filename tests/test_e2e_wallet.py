@@ -9,54 +9,18 @@ from typing import Any
 
 import boto3
 import pytest
-import requests
 from moto.server import ThreadedMotoServer
 
 from agentkeys.crypto import derive_wallet, omni
 from agentkeys.siwe import SiweMessage
 from tests import sts
-from tests.live import clean_env, free_port, gunicorn
-from tests.smtp import Server, StartServer, magic_link_token
+from tests.broker import Broker, broker_env
+from tests.live import free_port, gunicorn
+from tests.smtp import StartServer
 from tests.vectors import VECTOR_MASTER
 
 EMAIL = "agent-owner@example.com"
 ROLE = "arn:aws:iam::123456789012:role/agentkeys-agent"
-
-
-class Client:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def post(
-        self, path: str, body: dict[str, Any] | None = None, token: str | None = None
-    ) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return requests.post(self.base + path, json=body, headers=headers, timeout=15)
-
-
-def broker_env(base: str, database_url: str, mailbox: Server) -> dict[str, str]:
-    return clean_env(
-        AGENTKEYS_ENV="development",
-        AGENTKEYS_ISSUER=base,
-        DATABASE_URL=database_url,
-        AGENTKEYS_MAIL_URL=f"smtp://127.0.0.1:{mailbox.port}",
-        DEV_KEY_SERVICE_MASTER_SECRET=VECTOR_MASTER.hex(),
-        AGENTKEYS_KEY_ENCRYPTION_KEY="7a" * 32,
-        AGENTKEYS_RATE_LIMITS="verify_ip=1000/60",
-    )
-
-
-def email_session(broker: Client, mailbox: Server) -> dict[str, Any]:
-    started = broker.post("/v1/auth/email/request", {"email": EMAIL}).json()
-    token = magic_link_token(mailbox.recorder.message())
-    mailbox.recorder.envelopes.clear()
-    assert broker.post("/v1/auth/email/verify", {"token": token}).ok
-    status: dict[str, Any] = requests.get(
-        broker.base + started["poll_url"],
-        headers={"Authorization": f"Bearer {started['poll_token']}"},
-        timeout=15,
-    ).json()
-    return status
 
 
 @pytest.fixture
@@ -80,9 +44,10 @@ def test_wallet_to_aws_credentials(
     mailbox = smtp_server()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with gunicorn(broker_env(base, any_database_url, mailbox), workers=4, port=port):
-        broker = Client(base)
-        identity = email_session(broker, mailbox)
+    env = broker_env(base, any_database_url, mailbox, AGENTKEYS_RATE_LIMITS="verify_ip=1000/60")
+    with gunicorn(env, workers=4, port=port):
+        broker = Broker(base, mailbox)
+        identity, _ = broker.email_sign_in(EMAIL)
         account, session = identity["account"], identity["session_jwt"]
         assert account == omni("email", EMAIL)
 
@@ -145,10 +110,11 @@ def test_challenge_started_on_one_instance_verifies_on_another(
     mailbox = smtp_server()
     first, second = free_port(), free_port()
     issuer = f"http://127.0.0.1:{first}"  # one public issuer in front of both instances
-    env = broker_env(issuer, postgres_url, mailbox)
+    env = broker_env(issuer, postgres_url, mailbox, AGENTKEYS_RATE_LIMITS="verify_ip=1000/60")
     with gunicorn(env, workers=2, port=first), gunicorn(env, workers=2, port=second):
-        a, b = Client(f"http://127.0.0.1:{first}"), Client(f"http://127.0.0.1:{second}")
-        identity = email_session(a, mailbox)
+        a = Broker(f"http://127.0.0.1:{first}", mailbox)
+        b = Broker(f"http://127.0.0.1:{second}", mailbox)
+        identity, _ = a.email_sign_in(EMAIL)
         account, session = identity["account"], identity["session_jwt"]
         address = b.post("/dev/derive-address", {"omni_account": account}, session).json()[
             "address"

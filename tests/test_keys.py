@@ -7,7 +7,6 @@ import hashlib
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Engine, select, update
 
-from agentkeys.db import make_engine, signing_keys
+from agentkeys.db import signing_keys
 from agentkeys.errors import Unauthorized
 from agentkeys.identity import EMAIL, Identity
 from agentkeys.keys import (
@@ -46,13 +45,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def engine(any_database_url: str) -> Iterator[Engine]:
-    engine = make_engine(any_database_url)
-    yield engine
-    engine.dispose()
 
 
 def ring(

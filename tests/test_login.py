@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, select
 
-from agentkeys.db import login_requests, make_engine
+from agentkeys.db import login_requests
 from agentkeys.errors import NotFound
 from agentkeys.identity import EMAIL, Identity
 from agentkeys.login import (
@@ -26,32 +26,12 @@ from agentkeys.login import (
     Status,
 )
 from agentkeys.oauth2 import new_nonce, new_pkce, new_state
+from tests.conftest import T0, Clock
 
-T0 = 1_700_000_000
 T = TypeVar("T")
 ONBOARD = Identity(EMAIL, "onboard@example.com")
 GOOGLE_USER = Identity("oauth2_google", "108234567890123456789")
 USER_CODE = re.compile(r"[BCDFGHJKLMNPQRSTVWXZ2-9]{4}-[BCDFGHJKLMNPQRSTVWXZ2-9]{4}\Z")
-
-
-class Clock:
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-@pytest.fixture
-def engine(any_database_url: str) -> Iterator[Engine]:
-    engine = make_engine(any_database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, Table, func, select
 
 from agentkeys.crypto import omni
-from agentkeys.db import accounts, identities, make_engine, spent_tokens
+from agentkeys.db import accounts, identities, spent_tokens
 from agentkeys.errors import (
     AgentKeysError,
     AnchorIdentity,
@@ -23,36 +23,15 @@ from agentkeys.errors import (
 from agentkeys.identity import EMAIL, EVM, Identity, canonical_email, canonical_identity
 from agentkeys.sessions import LEEWAY_SECONDS
 from agentkeys.store import SPENT_GRACE_SECONDS, IdentityLinkStore, LinkedIdentity
+from tests.conftest import T0, Clock
 
 CLIENT_ID = "agentkeys"
-T0 = 1_700_000_000
+
 T = TypeVar("T")
 
 ALICE = Identity(EMAIL, "alice@example.com")
 BOB = Identity("oauth2_google", "108234567890123456789")
 CAROL = Identity(EVM, "0x" + "c0" * 20)
-
-
-class Clock:
-    """A settable clock: the store reads whole Unix seconds from it."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-@pytest.fixture
-def engine(any_database_url: str) -> Iterator[Engine]:
-    engine = make_engine(any_database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
