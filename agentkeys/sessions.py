@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import secrets
 import time
@@ -20,6 +21,7 @@ AUDIENCE = "agentkeys:broker"
 IDENTITY = "identity"
 WALLET = "wallet"
 LEEWAY_SECONDS = 30
+VERIFIED_CACHE_SIZE = 4096
 _REQUIRED = ["iss", "aud", "sub", "iat", "exp", "jti", "kind", "account", "omni_account"]
 
 
@@ -51,6 +53,9 @@ class SessionTokens:
     ) -> None:
         self.keys, self.issuer, self.client_id, self.ttl = keys, issuer, client_id, ttl
         self.revoked_before, self.clock = revoked_before, clock
+        # A token's signature check gives the same answer every time: remember recent ones
+        # (keyed by the whole token; failures are never cached) instead of re-verifying ES256.
+        self._signed = functools.lru_cache(maxsize=VERIFIED_CACHE_SIZE)(self._check_signature)
 
     def mint(
         self, account: str, identity: Identity, kind: str = IDENTITY, wallet: str | None = None
@@ -86,13 +91,30 @@ class SessionTokens:
 
     def verify(self, token: str, *, kinds: tuple[str, ...] = (IDENTITY,)) -> Session:
         """A valid, unrevoked session of one of `kinds`, or Unauthorized."""
+        session = self._signed(token)
+        now = self.clock()
+        if session.issued_at > now + LEEWAY_SECONDS:
+            raise Unauthorized("The bearer token is not a valid session.")
+        if session.expires_at <= now - LEEWAY_SECONDS:
+            raise Unauthorized("The session has expired; sign in again.")
+        if session.kind not in kinds:
+            raise Unauthorized(f"This needs a session of kind {' or '.join(kinds)}.")
+        valid_after = self.revoked_before(session.account)
+        # Unlink and merge revoke every older session of the account.
+        if valid_after is None or session.issued_at < valid_after:
+            raise Unauthorized("The session has been revoked; sign in again.")
+        return session
+
+    def _check_signature(self, token: str) -> Session:
+        """Signature and claims of a session token; time, kind and revocation are checked by
+        `verify` on every use (this part is cached per token: it cannot change)."""
         kid = _unverified_kid(token)
         key = self.keys.public_key(kid) if kid is not None else None
         if key is None:
             raise Unauthorized("The bearer token was signed with an unknown key.")
         try:
             # Pinned to ES256 (no alg confusion), with our issuer and audience and every claim.
-            # iat and exp are checked below against self.clock (PyJWT only knows the wall
+            # iat and exp are checked in verify against self.clock (PyJWT only knows the wall
             # clock); sessions carry no nbf.
             claims = jwt.decode(
                 token,
@@ -109,31 +131,21 @@ class SessionTokens:
             )
         except jwt.PyJWTError:
             raise Unauthorized("The bearer token is not a valid session.") from None
-        now = self.clock()
         iat, exp = claims["iat"], claims["exp"]
-        if type(iat) is not int or type(exp) is not int or iat > now + LEEWAY_SECONDS:
+        if type(iat) is not int or type(exp) is not int:
             raise Unauthorized("The bearer token is not a valid session.")
-        if exp <= now - LEEWAY_SECONDS:
-            raise Unauthorized("The session has expired; sign in again.")
-        session = Session(
+        if claims["sub"] != f"agentkeys:account:{claims['account']}":
+            raise Unauthorized("The bearer token is not a valid session.")
+        return Session(
             account=str(claims["account"]),
             omni_account=str(claims["omni_account"]),
             identity_type=str(claims.get("identity_type", "")),
             kind=str(claims["kind"]),
-            issued_at=int(claims["iat"]),
-            expires_at=int(claims["exp"]),
+            issued_at=iat,
+            expires_at=exp,
             jti=str(claims["jti"]),
             wallet_address=claims.get("wallet_address"),
         )
-        if claims["sub"] != f"agentkeys:account:{session.account}":
-            raise Unauthorized("The bearer token is not a valid session.")
-        if session.kind not in kinds:
-            raise Unauthorized(f"This needs a session of kind {' or '.join(kinds)}.")
-        valid_after = self.revoked_before(session.account)
-        # Unlink and merge revoke every older session of the account.
-        if valid_after is None or session.issued_at < valid_after:
-            raise Unauthorized("The session has been revoked; sign in again.")
-        return session
 
 
 def _unverified_kid(token: str) -> str | None:

@@ -18,6 +18,8 @@ from agentkeys.identity import EVM, Identity
 
 LINKED = "linked"
 PENDING_PROOF = "pending_proof"
+REVOCATION_CACHE_SECONDS = 1.0
+REVOCATION_CACHE_SIZE = 10_000
 # A spent token id is kept this long past its `exp`: verifiers accept a token up to their
 # leeway (sessions.LEEWAY_SECONDS = 30) after `exp`, and it must stay single use until then.
 SPENT_GRACE_SECONDS = 60
@@ -42,6 +44,7 @@ class IdentityLinkStore:
         self.reader = read_only(engine)
         self.client_id = client_id
         self.clock = clock
+        self._revocations: dict[str, tuple[float, int | None]] = {}
 
     def resolve(self, identity: Identity) -> str | None:
         """The account an identity is linked to, if any."""
@@ -82,6 +85,7 @@ class IdentityLinkStore:
                     linked_at=now,
                 )
             )
+        self._revocations.pop(anchor, None)
         return anchor
 
     def identities(self, account: str) -> list[LinkedIdentity]:
@@ -142,6 +146,7 @@ class IdentityLinkStore:
                 .where(accounts.c.anchor == proof_account)
                 .values(merged_into=account, sessions_valid_after=now)
             )
+        self._revocations.pop(proof_account, None)
         return LinkedIdentity(identity, LINKED, now)
 
     def unlink(self, account: str, identity: Identity) -> None:
@@ -171,6 +176,7 @@ class IdentityLinkStore:
                 .where(accounts.c.anchor == account)
                 .values(sessions_valid_after=now)
             )
+        self._revocations.pop(account, None)
 
     def request_wallet_link(self, account: str, address: str) -> str:
         """Record that `account` wants to link wallet `address`: `linked` if it already is,
@@ -223,16 +229,28 @@ class IdentityLinkStore:
             )
 
     def sessions_valid_after(self, account: str) -> int | None:
-        """Sessions issued before this second are revoked; None for an unknown or merged account."""
+        """Sessions issued before this second are revoked; None for an unknown or merged account.
+
+        Read on every authenticated request, so each process keeps the answer for up to
+        REVOCATION_CACHE_SECONDS: a revocation reaches every worker within a second, the same
+        granularity as the value itself (this process forgets at once what it changed)."""
+        now = time.monotonic()
+        cached = self._revocations.get(account)
+        if cached is not None and now - cached[0] < REVOCATION_CACHE_SECONDS:
+            return cached[1]
         with self.reader.connect() as conn:
             row = conn.execute(
                 select(accounts.c.sessions_valid_after, accounts.c.merged_into).where(
                     accounts.c.anchor == account
                 )
             ).first()
-        if row is None or row.merged_into is not None:
-            return None
-        return int(row.sessions_valid_after)
+        value = (
+            None if row is None or row.merged_into is not None else int(row.sessions_valid_after)
+        )
+        if len(self._revocations) >= REVOCATION_CACHE_SIZE:
+            self._revocations.clear()
+        self._revocations[account] = (now, value)
+        return value
 
     def spend(self, jti: str, expires_at: int) -> bool:
         """Mark a token id used; False if it was already spent (atomic across workers)."""

@@ -336,8 +336,18 @@ def test_rotation_timeline(engine: Engine) -> None:
     clock.now = switch + TOKEN_TTL + VERIFY_LEEWAY  # past every old token's exp and leeway
     assert kids_of(keys) == {new.kid}
     assert keys.public_key(old) is None
-    with pytest.raises(Unauthorized, match="signed with an unknown key"):
+    with pytest.raises(Unauthorized, match="has expired"):  # this worker checked it before
         sessions.verify(last_old)
+    another_worker = SessionTokens(
+        keys,
+        issuer="https://broker.example",
+        client_id="agentkeys",
+        ttl={IDENTITY: TOKEN_TTL, WALLET: TOKEN_TTL},
+        revoked_before=lambda account: 0,
+        clock=clock,
+    )
+    with pytest.raises(Unauthorized, match="signed with an unknown key"):
+        another_worker.verify(last_old)
 
 
 def test_second_rotation_before_the_first_signs(engine: Engine) -> None:

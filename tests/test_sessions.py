@@ -25,7 +25,7 @@ from agentkeys.db import make_engine
 from agentkeys.errors import Unauthorized
 from agentkeys.identity import EMAIL, EVM, Identity
 from agentkeys.keys import KeyRing
-from agentkeys.sessions import IDENTITY, WALLET, SessionTokens
+from agentkeys.sessions import IDENTITY, LEEWAY_SECONDS, WALLET, SessionTokens
 from tests.conftest import BASE_SETTINGS, MakeApp, bearer_for
 from tests.vectors import OMNI_ONBOARD, VECTOR_ADDRESS, VECTOR_ANCHOR
 
@@ -358,3 +358,34 @@ def test_session_signature_verifies_with_ecdsa(served: tuple[str, dict[str, str]
     tampered = hashlib.sha256(signing_input.encode() + b" ").digest()
     with pytest.raises(ecdsa.BadSignatureError):
         verifier.verify_digest(raw, tampered, sigdecode=ecdsa.util.sigdecode_string)
+
+
+def test_signature_checked_once_per_token_but_time_and_revocation_always(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = rig.mint()
+    decodes: list[int] = []
+    real_decode = jwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        decodes.append(1)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    for _ in range(3):
+        assert rig.tokens.verify(token).account == ANCHOR
+    assert len(decodes) == 1
+    with pytest.raises(Unauthorized, match="kind wallet"):  # the kind is checked on every use
+        rig.tokens.verify(token, kinds=(WALLET,))
+    rig.valid_after[ANCHOR] = int(rig.clock()) + 1  # revoked
+    with pytest.raises(Unauthorized, match="revoked"):
+        rig.tokens.verify(token)
+    rig.valid_after[ANCHOR] = 0
+    rig.clock.now += 86400 + LEEWAY_SECONDS  # expired
+    with pytest.raises(Unauthorized, match="expired"):
+        rig.tokens.verify(token)
+    tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    for _ in range(2):  # failures are never cached
+        with pytest.raises(Unauthorized):
+            rig.tokens.verify(tampered)
+    assert len(decodes) == 3

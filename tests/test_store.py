@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -22,7 +23,12 @@ from agentkeys.errors import (
 )
 from agentkeys.identity import EMAIL, EVM, Identity, canonical_email, canonical_identity
 from agentkeys.sessions import LEEWAY_SECONDS
-from agentkeys.store import SPENT_GRACE_SECONDS, IdentityLinkStore, LinkedIdentity
+from agentkeys.store import (
+    REVOCATION_CACHE_SECONDS,
+    SPENT_GRACE_SECONDS,
+    IdentityLinkStore,
+    LinkedIdentity,
+)
 from tests.conftest import T0, Clock
 
 CLIENT_ID = "agentkeys"
@@ -393,3 +399,20 @@ def test_identities_lists_linked_identities_in_link_order(
     ]
     assert store.identities(a) == []
     assert store.identities("00" * 32) == []
+
+
+def test_revocation_reaches_another_worker_within_a_second(engine: Engine, clock: Clock) -> None:
+    worker_a = IdentityLinkStore(engine, CLIENT_ID, clock=clock)
+    worker_b = IdentityLinkStore(engine, CLIENT_ID, clock=clock)
+    account = worker_a.sign_in(Identity(EMAIL, "first@example.com"))
+    merged = worker_a.sign_in(Identity(EMAIL, "second@example.com"))
+    worker_a.merge(account, merged, omni(EMAIL, "second@example.com"))
+    assert worker_b.sessions_valid_after(account) == 0  # read, and kept for a moment
+    worker_a.sign_in(Identity(EMAIL, "third@example.com"))
+    worker_a.merge(account, omni(EMAIL, "third@example.com"), omni(EMAIL, "third@example.com"))
+    clock.now = T0 + 100
+    worker_a.unlink(account, Identity(EMAIL, "second@example.com"))
+    assert worker_a.sessions_valid_after(account) == T0 + 100  # its own change: at once
+    assert worker_b.sessions_valid_after(account) == 0  # the other worker: not yet...
+    time.sleep(REVOCATION_CACHE_SECONDS + 0.05)
+    assert worker_b.sessions_valid_after(account) == T0 + 100  # ...but within a second
