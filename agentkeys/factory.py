@@ -17,7 +17,6 @@ from agentkeys.migrate import is_current
 from agentkeys.services import Services
 from agentkeys.settings import Settings
 
-SETTINGS_KEY = "agentkeys.settings"
 log = logging.getLogger("agentkeys")
 
 
@@ -40,7 +39,6 @@ def create_app(settings: Settings | None = None, *, instance_path: str | None = 
 
 
 def register_settings(app: Flask, settings: Settings) -> None:
-    app.extensions[SETTINGS_KEY] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
 

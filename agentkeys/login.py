@@ -181,7 +181,7 @@ class LoginRequests:
             )
 
     def status(self, request_id: str, poll_token: str) -> Status:
-        """The request's state for its requester; picking up a verified one consumes it."""
+        """The request's state for its requester (a verified one carries its identity)."""
         with read_only(self.engine).connect() as conn:
             row = conn.execute(
                 select(login_requests).where(login_requests.c.request_id == request_id)
@@ -192,20 +192,19 @@ class LoginRequests:
         if row.status == PENDING and row.expires_at <= self.clock():
             return Status(FAILED, error="expired", reason="The sign-in request expired.")
         if row.status == VERIFIED:
-            return self._pickup(request_id)
+            return Status(VERIFIED, identity=Identity(row.identity_type, row.identity_value))
         return Status(row.status, error=row.error, reason=row.reason)
 
-    def _pickup(self, request_id: str) -> Status:
+    def pickup(self, request_id: str) -> bool:
+        """Mark a verified request consumed; True for exactly one caller. The session is minted
+        before this, so a failure on the way leaves the request verified, not lost."""
         with self.engine.begin() as conn:
-            row = conn.execute(
+            consumed = conn.execute(
                 update(login_requests)
                 .where(
                     login_requests.c.request_id == request_id,
                     login_requests.c.status == VERIFIED,
                 )
                 .values(status=CONSUMED)
-                .returning(login_requests.c.identity_type, login_requests.c.identity_value)
-            ).first()
-        if row is None:  # another poll picked it up first
-            return Status(CONSUMED)
-        return Status(VERIFIED, identity=Identity(row.identity_type, row.identity_value))
+            ).rowcount
+        return bool(consumed)

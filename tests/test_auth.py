@@ -331,3 +331,22 @@ def test_client_ip_from_forwarded_for_only_behind_trusted_proxies(make_app: Make
     assert codes(proxied, ["198.51.100.3", "198.51.100.4", "198.51.100.3"]) == [400, 400, 429]
     # A client-made entry before the proxy's own does not help: only the last hop counts.
     assert codes(proxied, ["203.0.113.9, 198.51.100.4"]) == [429]
+
+
+def test_a_failure_while_minting_loses_nothing(app: Flask, mailbox: Server) -> None:
+    client = app.test_client()
+    started = request_email(client)
+    token = magic_link_token(mailbox.recorder.message())
+    assert client.post("/v1/auth/email/verify", json={"token": token}).status_code == 200
+    sessions = services_of(app).sessions
+    real_mint = sessions.mint
+
+    def broken_mint(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("signing failed")
+
+    sessions.mint = broken_mint  # type: ignore[method-assign]
+    assert poll(client, started).status_code == 500
+    sessions.mint = real_mint  # type: ignore[method-assign]
+    retry = poll(client, started).json
+    assert retry["status"] == "verified" and retry["session_jwt"]
+    assert poll(client, started).json == {"status": "consumed"}

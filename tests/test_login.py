@@ -83,9 +83,11 @@ def test_start_email_is_pending_until_approved_once(logins: LoginRequests) -> No
     assert logins.approve(started.approve_token) == started.user_code
     assert logins.approve(started.approve_token) is None  # replayed magic link
 
-    # The first pickup hands the identity out (a session is minted from it), later ones do not.
+    # Verified carries the identity until one pickup (after the session is minted) consumes it.
     assert logins.status(started.request_id, started.poll_token) == Status(VERIFIED, ONBOARD)
-    assert logins.status(started.request_id, started.poll_token) == Status(CONSUMED)
+    assert logins.status(started.request_id, started.poll_token) == Status(VERIFIED, ONBOARD)
+    assert logins.pickup(started.request_id) is True
+    assert logins.pickup(started.request_id) is False
     assert logins.status(started.request_id, started.poll_token) == Status(CONSUMED)
     assert logins.approve(started.approve_token) is None
 
@@ -134,10 +136,10 @@ def test_racing_polls_hand_the_verified_identity_out_once(logins: LoginRequests)
     assert started.approve_token is not None
     logins.approve(started.approve_token)
 
-    statuses = race(8, lambda: logins.status(started.request_id, started.poll_token))
+    pickups = race(8, lambda: logins.pickup(started.request_id))
 
-    assert sorted(s.status for s in statuses) == [CONSUMED] * 7 + [VERIFIED]
-    assert [s for s in statuses if s.status == VERIFIED] == [Status(VERIFIED, ONBOARD)]
+    assert sorted(pickups) == [False] * 7 + [True]
+    assert logins.status(started.request_id, started.poll_token) == Status(CONSUMED)
 
 
 def test_requests_expire(logins: LoginRequests, clock: Clock) -> None:
@@ -182,6 +184,7 @@ def test_oauth2_state_is_taken_once_then_the_approval_token_verifies_once(
     assert logins.approve(approval) == started.user_code
     assert logins.approve(approval) is None
     assert logins.status(started.request_id, started.poll_token) == Status(VERIFIED, GOOGLE_USER)
+    assert logins.pickup(started.request_id) is True
     assert logins.status(started.request_id, started.poll_token) == Status(CONSUMED)
 
 

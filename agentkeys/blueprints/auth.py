@@ -19,7 +19,7 @@ from agentkeys.blueprints.http import (
 )
 from agentkeys.errors import InvalidRequest, OAuth2Error
 from agentkeys.identity import EMAIL, OAUTH2_PREFIX, Identity, canonical_email
-from agentkeys.login import VERIFIED, Started
+from agentkeys.login import CONSUMED, VERIFIED, Started
 from agentkeys.mail import build_sign_in_mail
 from agentkeys.oauth2 import new_nonce, new_pkce, new_state
 from agentkeys.timefmt import rfc3339
@@ -80,6 +80,8 @@ def poll_status(request_id: str) -> dict[str, Any]:
     if status.status == VERIFIED and status.identity is not None:
         account = svc.store.sign_in(status.identity)
         token, session = svc.sessions.mint(account, status.identity)
+        if not svc.logins.pickup(request_id):  # another poll handed it out first
+            return {"status": CONSUMED}
         return {
             "status": VERIFIED,
             "session_jwt": token,
