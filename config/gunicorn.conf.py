@@ -15,7 +15,9 @@ except ConfigError as exc:
 # A platform router reaches the dyno on PORT from outside: listen on every interface.
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# Access lines carry paths only: magic-link tokens travel in the URL fragment, never sent here.
 access_log_on = parse_bool("AGENTKEYS_ACCESS_LOG", os.environ.get("AGENTKEYS_ACCESS_LOG", "on"))
 accesslog = "-" if access_log_on else None
+# Paths only: query strings carry OAuth2 codes and state (magic-link tokens travel in the URL
+# fragment, which never reaches the server).
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"

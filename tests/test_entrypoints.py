@@ -15,7 +15,7 @@ from agentkeys.db import make_engine, signing_keys
 from agentkeys.factory import create_app
 from agentkeys.settings import Settings
 from tests.conftest import BASE_SETTINGS, bearer_for_account, services_of
-from tests.live import ROOT, clean_env, gunicorn
+from tests.live import ROOT, clean_env, free_port, gunicorn, release, wait_until_up
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py", "wsgi:app"]
@@ -143,3 +143,31 @@ def test_pure_modules_import_no_flask() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_access_log_has_paths_but_no_query_strings(tmp_path: Path) -> None:
+    env = clean_env(**DEV, DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    log = tmp_path / "access.log"
+    port = free_port()
+    command = [
+        *GUNICORN[:-1],
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--access-logfile",
+        str(log),
+        "wsgi:app",
+    ]
+    release(env)
+    with subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL) as server:
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/healthz", server)
+            secret = "oauth-code-" + "7" * 20
+            requests.get(
+                f"http://127.0.0.1:{port}/auth/oauth2/callback?code={secret}&state=s", timeout=5
+            )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    lines = log.read_text()
+    assert '"GET /auth/oauth2/callback HTTP/1.1" 400' in lines
+    assert secret not in lines and "state=" not in lines
