@@ -4,6 +4,7 @@ the running issuer the way STS does. moto's STS accepts any string, so tests run
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -19,10 +20,20 @@ class Rejected(Exception):
     """STS would answer InvalidIdentityToken (or a tag error) for this token."""
 
 
+def fetch_json(url: str) -> Any:
+    return requests.get(url, timeout=5).json()
+
+
 def check(
-    token: str, *, provider_url: str, client_ids: list[str], now: float | None = None
+    token: str,
+    *,
+    provider_url: str,
+    client_ids: list[str],
+    now: float | None = None,
+    get_json: Callable[[str], Any] = fetch_json,
 ) -> dict[str, Any]:
-    """The token's claims if STS would accept it from the OIDC provider at `provider_url`."""
+    """The token's claims if STS would accept it from the OIDC provider at `provider_url`.
+    `get_json` fetches a URL (over HTTP unless a test serves the app in-process)."""
     if len(token) > MAX_TOKEN_CHARS:
         raise Rejected(f"token is longer than {MAX_TOKEN_CHARS} characters")
     try:
@@ -32,10 +43,10 @@ def check(
     alg = header.get("alg")
     if alg not in ALGORITHMS:
         raise Rejected(f"alg {alg!r} is not one STS accepts")
-    discovery = requests.get(provider_url + "/.well-known/openid-configuration", timeout=5).json()
+    discovery = get_json(provider_url + "/.well-known/openid-configuration")
     if discovery.get("issuer") != provider_url:
         raise Rejected("discovery issuer does not match the provider URL")
-    keys = requests.get(discovery["jwks_uri"], timeout=5).json().get("keys", [])
+    keys = get_json(discovery["jwks_uri"]).get("keys", [])
     kid = header.get("kid")
     matching = (
         [k for k in keys if k.get("kid") == kid] if kid else keys[:1] if len(keys) == 1 else []

@@ -17,6 +17,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from agentkeys.keys import JWKS_MAX_AGE
+from tests import sts
 from tests.conftest import services_of
 
 
@@ -100,7 +101,18 @@ def test_rotation_under_load(app: Flask, served: str) -> None:
     kids = [jwt.get_unverified_header(t)["kid"] for t in minted]
     assert kids[:before] == [old] * before and kids[-20:] == [new] * 20
 
-    # Every token, minted before or after the rotation, verifies against the published JWKS.
+    # Every token, minted before or after the rotation, verifies against the published JWKS;
+    # a sample from both sides passes what STS checks (the issuer is served on a loopback port).
+    def get_json(url: str) -> Any:
+        return requests.get(url.replace("http://127.0.0.1:8000", served), timeout=10).json()
+
+    for token in minted[:10] + minted[-10:]:
+        sts.check(
+            token,
+            provider_url="http://127.0.0.1:8000",
+            client_ids=["sts.amazonaws.com"],
+            get_json=get_json,
+        )
     client = jwt.PyJWKClient(served + "/.well-known/jwks.json")
     for token in minted:
         key = client.get_signing_key_from_jwt(token)

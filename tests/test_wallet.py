@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 
 from agentkeys.crypto import SECP256K1_N, derive_wallet, omni
 from agentkeys.siwe import SiweMessage
+from tests import sts
 from tests.conftest import MakeApp, bearer_for, services_of
 from tests.sts import Rejected, check_tags
 from tests.vectors import VECTOR_MASTER
@@ -36,11 +37,23 @@ def alice(app: Flask) -> tuple[dict[str, str], str, str]:
 def start(
     client: FlaskClient, address: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> dict[str, Any]:
+    """A challenge; every issued message must parse back as strict EIP-4361, exactly."""
     response = client.post(
         "/v1/auth/wallet/start", json={"address": address, **extra}, headers=headers or {}
     )
     assert response.status_code == 200, response.get_json()
-    return json_of(response)
+    challenge = json_of(response)
+    assert SiweMessage.parse(challenge["siwe_message"]).format() == challenge["siwe_message"]
+    return challenge
+
+
+def in_process(client: FlaskClient) -> Any:
+    """Fetch the issuer's URLs from the app itself (for the STS checker in tests/sts.py)."""
+
+    def get_json(url: str) -> Any:
+        return client.get(url.removeprefix("http://127.0.0.1:8000")).get_json()
+
+    return get_json
 
 
 def dev_sign(client: FlaskClient, headers: dict[str, str], account: str, message: str) -> str:
@@ -135,6 +148,13 @@ def test_link_start_sign_verify_mint(app: Flask) -> None:
         "transitive_tag_keys": ["agentkeys_wallet", "agentkeys_account"],
     }
     assert len(token["jwt"]) < 20_000
+    checked = sts.check(
+        token["jwt"],
+        provider_url="http://127.0.0.1:8000",
+        client_ids=["sts.amazonaws.com"],
+        get_json=in_process(client),
+    )
+    assert checked == oidc
     # The OIDC key is not the session key: a session JWKS cannot verify minted tokens.
     assert kid not in {k["kid"] for k in json_of(client.get("/v1/session-keys"))["keys"]}
 
