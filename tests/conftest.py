@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from flask import Flask
@@ -91,6 +93,20 @@ def engine(any_database_url: str) -> Iterator[Engine]:
 
 
 T0 = 1_700_000_000
+T = TypeVar("T")
+
+
+def race(threads: int, call: Callable[[], T]) -> list[T]:
+    """Run `call` in `threads` threads released together by a barrier."""
+    barrier = threading.Barrier(threads)
+
+    def run() -> T:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(run) for _ in range(threads)]
+        return [f.result() for f in futures]
 
 
 class Clock:

@@ -292,12 +292,9 @@ def kids_of(keys: KeyRing) -> set[str]:
     return {jwk["kid"] for jwk in keys.jwks()["keys"]}
 
 
-def test_rotation_timeline(engine: Engine) -> None:
-    clock = FakeClock()
-    keys = ring(engine, clock=clock)
-    keys.ensure_initial()
-    old = keys.signing_key().kid
-    sessions = SessionTokens(
+def session_tokens(keys: KeyRing, clock: FakeClock) -> SessionTokens:
+    """Sessions over `keys` for a worker whose accounts are never revoked."""
+    return SessionTokens(
         keys,
         issuer="https://broker.example",
         client_id="agentkeys",
@@ -305,6 +302,14 @@ def test_rotation_timeline(engine: Engine) -> None:
         revoked_before=lambda account: 0,
         clock=clock,
     )
+
+
+def test_rotation_timeline(engine: Engine) -> None:
+    clock = FakeClock()
+    keys = ring(engine, clock=clock)
+    keys.ensure_initial()
+    old = keys.signing_key().kid
+    sessions = session_tokens(keys, clock)
     identity = Identity(EMAIL, "rotate@example.com")
 
     clock.now = T0 + 10
@@ -338,14 +343,7 @@ def test_rotation_timeline(engine: Engine) -> None:
     assert keys.public_key(old) is None
     with pytest.raises(Unauthorized, match="has expired"):  # this worker checked it before
         sessions.verify(last_old)
-    another_worker = SessionTokens(
-        keys,
-        issuer="https://broker.example",
-        client_id="agentkeys",
-        ttl={IDENTITY: TOKEN_TTL, WALLET: TOKEN_TTL},
-        revoked_before=lambda account: 0,
-        clock=clock,
-    )
+    another_worker = session_tokens(keys, clock)
     with pytest.raises(Unauthorized, match="signed with an unknown key"):
         another_worker.verify(last_old)
 

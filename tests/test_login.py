@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
@@ -26,7 +23,7 @@ from agentkeys.login import (
     Status,
 )
 from agentkeys.oauth2 import new_nonce, new_pkce, new_state
-from tests.conftest import T0, Clock
+from tests.conftest import T0, Clock, race
 
 T = TypeVar("T")
 ONBOARD = Identity(EMAIL, "onboard@example.com")
@@ -37,19 +34,6 @@ USER_CODE = re.compile(r"[BCDFGHJKLMNPQRSTVWXZ2-9]{4}-[BCDFGHJKLMNPQRSTVWXZ2-9]{
 @pytest.fixture
 def logins(engine: Engine, clock: Clock) -> LoginRequests:
     return LoginRequests(engine, clock=clock)
-
-
-def race(threads: int, call: Callable[[], T]) -> list[T]:
-    """Run `call` in `threads` threads released together by a barrier."""
-    barrier = threading.Barrier(threads)
-
-    def run() -> T:
-        barrier.wait()
-        return call()
-
-    with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(run) for _ in range(threads)]
-        return [f.result() for f in futures]
 
 
 def start_oauth2(logins: LoginRequests) -> tuple[str, str, str, Any]:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
@@ -29,7 +26,7 @@ from agentkeys.store import (
     IdentityLinkStore,
     LinkedIdentity,
 )
-from tests.conftest import T0, Clock
+from tests.conftest import T0, Clock, race
 
 CLIENT_ID = "agentkeys"
 
@@ -43,19 +40,6 @@ CAROL = Identity(EVM, "0x" + "c0" * 20)
 @pytest.fixture
 def store(engine: Engine, clock: Clock) -> IdentityLinkStore:
     return IdentityLinkStore(engine, CLIENT_ID, clock=clock)
-
-
-def race(threads: int, call: Callable[[], T]) -> list[T]:
-    """Run `call` in `threads` threads released together by a barrier."""
-    barrier = threading.Barrier(threads)
-
-    def run() -> T:
-        barrier.wait()
-        return call()
-
-    with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(run) for _ in range(threads)]
-        return [f.result() for f in futures]
 
 
 def count(engine: Engine, table: Table) -> int:
