@@ -191,14 +191,16 @@ def test_email_rate_limits(make_app: MakeApp, mailbox: Server) -> None:
         "start_ip": Limit(60, 60),
         "verify_ip": Limit(2, 60),
     }
-    client = make_app(mail_url=f"smtp://127.0.0.1:{mailbox.port}", rate_limits=limits).test_client()
+    app = make_app(mail_url=f"smtp://127.0.0.1:{mailbox.port}", rate_limits=limits)
+    services_of(app).limiter.clock = lambda: 1_700_000_010  # 30 s before a minute's window ends
+    client = app.test_client()
     assert [
         client.post("/v1/auth/email/request", json={"email": "a@example.com"}).status_code
         for _ in range(3)
     ] == [202, 202, 429]
     limited = client.post("/v1/auth/email/request", json={"email": "b@example.com"})
     assert limited.status_code == 429  # the per-IP limit (3 per minute) is spent too
-    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert limited.headers["Retry-After"] == "30"
     assert limited.json is not None and limited.json["error"] == "rate_limited"
     codes = [
         client.post("/v1/auth/email/verify", json={"token": "x"}).status_code for _ in range(3)
@@ -324,10 +326,14 @@ def test_client_ip_from_forwarded_for_only_behind_trusted_proxies(make_app: Make
         ]
 
     # No trusted proxy: X-Forwarded-For is the client's own words and changes nothing.
-    direct = make_app(rate_limits=limits).test_client()
+    def fixed_clock(app: Flask) -> Flask:
+        services_of(app).limiter.clock = lambda: 1_700_000_010  # no window ends mid-test
+        return app
+
+    direct = fixed_clock(make_app(rate_limits=limits)).test_client()
     assert codes(direct, ["198.51.100.1", "198.51.100.2"]) == [400, 429]
     # One trusted proxy: its X-Forwarded-For names the client, so each address has its own limit.
-    proxied = make_app(rate_limits=limits, trusted_proxies=1).test_client()
+    proxied = fixed_clock(make_app(rate_limits=limits, trusted_proxies=1)).test_client()
     assert codes(proxied, ["198.51.100.3", "198.51.100.4", "198.51.100.3"]) == [400, 400, 429]
     # A client-made entry before the proxy's own does not help: only the last hop counts.
     assert codes(proxied, ["203.0.113.9, 198.51.100.4"]) == [429]
