@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from sqlalchemy import Engine, insert, select, update
 from agentkeys.db import login_requests, read_only
 from agentkeys.errors import UnknownRequest
 from agentkeys.identity import Identity
+from agentkeys.timefmt import now_seconds
 
 REQUEST_TTL = 600
 PENDING, VERIFIED, CONSUMED, FAILED = "pending", "verified", "consumed", "failed"
@@ -58,10 +58,6 @@ class OAuth2Pending:
     nonce: str
     code_verifier: str
     user_code: str
-
-
-def now_seconds() -> int:
-    return int(time.time())
 
 
 class LoginRequests:

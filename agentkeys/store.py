@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from agentkeys.db import accounts, identities, read_only, spent_tokens, wallet_links
 from agentkeys.errors import AnchorIdentity, IdentityAlreadyLinked, LastIdentity, NotFound
 from agentkeys.identity import EVM, Identity
+from agentkeys.timefmt import now_seconds
 
 LINKED = "linked"
 PENDING_PROOF = "pending_proof"
@@ -30,10 +31,6 @@ class LinkedIdentity:
     identity: Identity
     status: str
     linked_at: int
-
-
-def now_seconds() -> int:
-    return int(time.time())
 
 
 class IdentityLinkStore:

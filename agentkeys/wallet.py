@@ -4,10 +4,8 @@ worker or instance verifies on any other, and each is consumed by one atomic UPD
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -25,6 +23,7 @@ from agentkeys.identity import EVM, Identity
 from agentkeys.signer import ACCOUNT_RESOURCE_PREFIX
 from agentkeys.siwe import SiweMessage
 from agentkeys.store import IdentityLinkStore
+from agentkeys.timefmt import now_seconds, rfc3339
 
 CHALLENGE_TTL = 600
 CLOCK_SKEW_SECONDS = 30  # a verify this late after expiry still counts: clocks drift
@@ -44,14 +43,6 @@ class Challenge:
 class WalletSignIn:
     account: str
     address: str  # lowercase
-
-
-def now_seconds() -> int:
-    return int(time.time())
-
-
-def _rfc3339(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class WalletChallenges:
@@ -85,8 +76,8 @@ class WalletChallenges:
             version="1",
             chain_id=str(chain),
             nonce=nonce,
-            issued_at=_rfc3339(now),
-            expiration_time=_rfc3339(now + CHALLENGE_TTL),
+            issued_at=rfc3339(now),
+            expiration_time=rfc3339(now + CHALLENGE_TTL),
             resources=(f"{ACCOUNT_RESOURCE_PREFIX}{account}",) if account else None,
         ).format()
         request_id = secrets.token_urlsafe(16)

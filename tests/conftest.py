@@ -125,13 +125,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """A migrated SQLite database of this test's own."""
-    url = f"sqlite:///{tmp_path / 'agentkeys.sqlite3'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
+def database_url(sqlite_url: str) -> str:
+    """The database of apps built with make_app: SQLite of this test's own."""
+    return sqlite_url
 
 
 @pytest.fixture
