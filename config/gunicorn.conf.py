@@ -15,10 +15,13 @@ except ConfigError as exc:
 # A platform router reaches the dyno on PORT from outside: listen on every interface.
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# Threads with an event loop for idle sockets: a browser's preconnected or kept-alive
-# connection must not hold a whole worker, as it does with the sync worker.
-worker_class = "gthread"
-threads = 4
+# One greenlet per connection: an idle, kept-alive or slow client (one that trickles its headers
+# or body) waits in gevent's event loop and holds no thread that other clients need.
+worker_class = "gevent"
+# Connections per worker, slow ones included; a buffering proxy in front bounds them better.
+worker_connections = 1000
+# No preload_app: the app must be imported after gevent patches the worker, or psycopg's wait and
+# SQLAlchemy's pool locks stay blocking (both are bound at import) and stall the whole worker.
 access_log_on = parse_bool("AGENTKEYS_ACCESS_LOG", os.environ.get("AGENTKEYS_ACCESS_LOG", "on"))
 accesslog = "-" if access_log_on else None
 # Paths only: query strings carry OAuth2 codes and state (magic-link tokens travel in the URL
