@@ -15,7 +15,15 @@ from agentkeys.db import make_engine, signing_keys
 from agentkeys.factory import create_app
 from agentkeys.settings import Settings
 from tests.conftest import BASE_SETTINGS, bearer_for_account, services_of
-from tests.live import ROOT, clean_env, free_port, gunicorn, release, wait_until_up
+from tests.live import (
+    ROOT,
+    clean_env,
+    free_port,
+    gunicorn,
+    release,
+    run_bounded,
+    wait_until_up,
+)
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py", "wsgi:app"]
@@ -103,16 +111,77 @@ def test_refuses_to_start(command: list[str], env: dict[str, str], needle: str) 
     assert "ab" * 31 not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({**DEV, "DEV_KEY_SERVICE_MASTER_SECRET": BAD_SECRET}, "DEV_KEY_SERVICE_MASTER_SECRET"),
+        (
+            {**PROD, "DEV_KEY_SERVICE_MASTER_SECRET": "0x" + "ab" * 32},
+            "DEV_KEY_SERVICE_MASTER_SECRET",
+        ),
+        ({}, "AGENTKEYS_ISSUER"),
+    ],
+    ids=["malformed-secret", "production-secret", "production-no-issuer"],
+)
+def test_plain_gunicorn_exits_on_bad_configuration(env: dict[str, str], variable: str) -> None:
+    """`gunicorn wsgi:app` with no config file: the master only learns of the bad configuration
+    from its worker, which must make it halt rather than respawn the worker forever."""
+    command = [sys.executable, "-m", "gunicorn", "wsgi:app", "--bind", f"127.0.0.1:{free_port()}"]
+    result = run_bounded(command, cwd=ROOT, env=clean_env(**env), timeout=20)
+    assert result.returncode != 0
+    naming = [line for line in result.stderr.splitlines() if variable in line]
+    assert len(naming) == 1, result.stderr
+    assert naming[0].startswith("agentkeys: configuration error: "), result.stderr
+    assert "ab" * 31 not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["-h"], ["--no-such-option"]])
+def test_release_arguments_touch_no_database(tmp_path: Path, arguments: list[str]) -> None:
+    database = tmp_path / "db.sqlite3"
+    result = run_release(clean_env(**DEV, DATABASE_URL=f"sqlite:///{database}"), *arguments)
+    if arguments[0].startswith("--no"):
+        assert result.returncode == 2 and "usage: python -m agentkeys.release" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: python -m agentkeys.release")
+        assert "AGENTKEYS_KEY_ENCRYPTION_KEY" in result.stdout
+    assert not database.exists()
+
+
+def run_release(env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "agentkeys.release", *arguments]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_release_seals_keys_stored_unsealed(tmp_path: Path) -> None:
+    """A development database made without a key-encryption key gets its keys sealed in place
+    once one is set: the same kids, so the tokens they signed stay valid."""
+    database = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    release(clean_env(**DEV, DATABASE_URL=database))
+    engine = make_engine(database)
+    with engine.connect() as conn:
+        before = dict(conn.execute(select(signing_keys.c.kid, signing_keys.c.public_jwk)).all())
+        assert conn.execute(select(signing_keys.c.sealed)).scalars().all() == [0, 0]
+    env = clean_env(**DEV, DATABASE_URL=database, AGENTKEYS_KEY_ENCRYPTION_KEY=KEK)
+    result = run_release(env)
+    assert result.returncode == 0, result.stderr
+    assert "sealed 2 signing keys" in result.stdout
+    with engine.connect() as conn:
+        rows = conn.execute(select(signing_keys)).all()
+    engine.dispose()
+    assert {row.kid: row.public_jwk for row in rows} == before
+    assert all(row.sealed == 1 and b"\x30\x81" not in row.private_key[:16] for row in rows)
+    # The sealed keys open under the KEK and still sign; a second release has nothing to seal.
+    app = create_app(Settings.from_env(env))
+    assert services_of(app).session_keys.signing_key().kid in before
+    services_of(app).engine.dispose()
+    again = run_release(env)
+    assert again.returncode == 0 and "sealed" not in again.stdout, again.stderr
+
+
 def test_release_accepts_valid_production(tmp_path: Path) -> None:
     database = f"sqlite:///{tmp_path / 'db.sqlite3'}"
-    result = subprocess.run(
-        [sys.executable, "-m", "agentkeys.release"],
-        cwd=ROOT,
-        env=clean_env(**PROD, DATABASE_URL=database),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_release(clean_env(**PROD, DATABASE_URL=database))
     assert result.returncode == 0, result.stderr
     assert "configuration ok (AGENTKEYS_ENV=production)" in result.stdout
     assert "database migrated; signing keys present" in result.stdout
