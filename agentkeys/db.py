@@ -21,6 +21,9 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from agentkeys.errors import ConfigError
 
 metadata = MetaData(
     naming_convention={
@@ -36,9 +39,14 @@ accounts = Table(
     metadata,
     Column("anchor", String(64), primary_key=True),
     Column("created_at", BigInteger, nullable=False),
-    # Sessions issued before this second are refused (unlink and merge revoke them).
-    Column("sessions_valid_after", BigInteger, nullable=False, server_default="0"),
+    # Sessions carry the generation they were minted in; unlink, merge and sign-out-everywhere
+    # add one, so every older session is refused exactly, whatever second it was minted in.
+    Column("session_generation", BigInteger, nullable=False, server_default="0"),
     Column("merged_into", String(64), nullable=True),
+    # The identity whose omni is the anchor: omni has no separators, so another (type, value)
+    # may hash to the same anchor and must never be let into this account.
+    Column("anchor_type", String(64), nullable=True),
+    Column("anchor_value", String(320), nullable=True),
 )
 
 identities = Table(
@@ -103,6 +111,9 @@ siwe_challenges = Table(
     Column("request_id", String(64), primary_key=True),
     Column("address", String(42), nullable=False),  # lowercase
     Column("account", String(64), nullable=True),  # the bound account, or NULL (plain sign-in)
+    # A bound challenge lives only as long as the session that started it (§6.4).
+    Column("session_generation", BigInteger, nullable=True),
+    Column("session_expires_at", BigInteger, nullable=True),
     Column("message", Text, nullable=False),
     Column("status", String(16), nullable=False),  # pending | used
     Column("created_at", BigInteger, nullable=False),
@@ -127,6 +138,12 @@ rate_limits = Table(
 )
 
 
+_BAD_URL = (
+    "DATABASE_URL must be sqlite:///path or postgresql://user:password@host[:port]/database "
+    "(user and password percent-encoded)"
+)
+
+
 def engine_url(url: str) -> str:
     """Heroku's `postgres://` and plain `postgresql://` both mean psycopg 3."""
     for prefix in ("postgres://", "postgresql://"):
@@ -137,7 +154,13 @@ def engine_url(url: str) -> str:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine that never logs SQL parameters (they hold token hashes and identities)."""
-    parsed = make_url(engine_url(url))
+    try:
+        parsed = make_url(engine_url(url))
+    except (ArgumentError, ValueError):  # a bad port: int() would quote part of the URL
+        raise ConfigError(_BAD_URL) from None
+    if "@" in (parsed.host or ""):
+        # An unencoded "@" in the password: the rest would become the host, shown in errors.
+        raise ConfigError(_BAD_URL)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

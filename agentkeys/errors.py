@@ -89,6 +89,12 @@ class IdentityAlreadyLinked(Conflict):
     code = "identity_already_linked"
 
 
+class IdentityConflict(Conflict):
+    """The identity's omni is the anchor of an account created by another identity."""
+
+    code = "identity_conflict"
+
+
 class AnchorIdentity(Conflict):
     code = "anchor_identity"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import sys
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -13,11 +15,14 @@ from agentkeys.blueprints.problems import register_error_handlers
 from agentkeys.commands import register_commands
 from agentkeys.dev_key_service import DEV_ONLY_WARNING, DevKeyService
 from agentkeys.errors import ConfigError
+from agentkeys.keys import KeyUnsealError
 from agentkeys.migrate import is_current
 from agentkeys.services import Services
 from agentkeys.settings import Settings
 
 log = logging.getLogger("agentkeys")
+# The query of a request line, `GET /auth/oauth2/callback?code=…&state=… HTTP/1.1`.
+_QUERY_STRING = re.compile(r"\?[^\s\"'\x1b]*")
 
 
 def create_app(settings: Settings | None = None, *, instance_path: str | None = None) -> Flask:
@@ -28,6 +33,7 @@ def create_app(settings: Settings | None = None, *, instance_path: str | None = 
     else:
         settings.validate()
     register_settings(app, settings)
+    register_request_log()
     register_proxies(app, settings)
     register_error_handlers(app)
     svc = register_services(app, settings)
@@ -41,6 +47,17 @@ def create_app(settings: Settings | None = None, *, instance_path: str | None = 
 def register_settings(app: Flask, settings: Settings) -> None:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+
+
+def register_request_log() -> None:
+    """`flask run` logs request lines without query strings, as gunicorn's access log does."""
+    logging.getLogger("werkzeug").addFilter(_without_query_strings)
+
+
+def _without_query_strings(record: logging.LogRecord) -> bool:
+    # Query strings carry OAuth2 codes and state: they must not reach the log.
+    record.msg, record.args = _QUERY_STRING.sub("", record.getMessage()), ()
+    return True
 
 
 def register_proxies(app: Flask, settings: Settings) -> None:
@@ -76,9 +93,18 @@ def register_blueprints(app: Flask, settings: Settings) -> None:
     app.register_blueprint(dev_key_service.create_blueprint(service))
 
 
+# gunicorn's arbiter halts when a worker exits with this code; on any other it respawns the
+# worker, so a plain `gunicorn wsgi:app` (no config file to check first) would crash-loop.
+APP_LOAD_ERROR = 4
+
+
 def app_from_env() -> Flask:
     """The app for `flask run` and gunicorn: a bad configuration exits with one line."""
     try:
         return create_app()
     except ConfigError as exc:
-        raise SystemExit(f"agentkeys: configuration error: {exc.detail}") from None
+        refusal = f"agentkeys: configuration error: {exc.detail}"
+    except KeyUnsealError as exc:
+        refusal = f"agentkeys: {exc}"
+    print(refusal, file=sys.stderr, flush=True)
+    raise SystemExit(APP_LOAD_ERROR)

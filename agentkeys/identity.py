@@ -38,6 +38,12 @@ def canonical_email(raw: str) -> str:
     return email
 
 
+def mailbox(email: str) -> str:
+    """The mailbox a canonical address delivers to, for counting: `me+tag@x` is `me@x`."""
+    local, _, domain = email.rpartition("@")
+    return f"{local.split('+', 1)[0] or local}@{domain}"
+
+
 def canonical_identity(identity_type: str, value: str) -> Identity:
     """The canonical form of an identity as a client names it (URL paths, link requests)."""
     if identity_type == EMAIL:
@@ -49,6 +55,7 @@ def canonical_identity(identity_type: str, value: str) -> Identity:
         identity_type.startswith(OAUTH2_PREFIX)
         and _PROVIDER.match(provider)
         and 0 < len(value) <= 255
+        and value.isprintable()  # OIDC: sub is ASCII; never NUL, controls or surrogates
     ):
         return Identity(identity_type, value)
     raise InvalidRequest(f"unknown identity type {identity_type[:40]!r} or bad value")

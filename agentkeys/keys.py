@@ -1,7 +1,8 @@
 """ES256 signing keys shared by every worker and instance through the database (§6.3, §6.5).
 
 Private keys are sealed with AES-256-GCM under AGENTKEYS_KEY_ENCRYPTION_KEY (required in
-production); development without it stores them unsealed, marked so. A rotated-in key is
+production); development without it stores them unsealed, marked so, and the release step seals
+them once the key is set. A rotated-in key is
 published one JWKS max-age before it signs; a retired key stays published until its last
 token has expired.
 """
@@ -112,6 +113,31 @@ class KeyRing:
         self.reload()
         return next(k for k in self._keys if k.kid == kid)
 
+    def seal_unsealed(self) -> int:
+        """Seal, in place, the keys stored without a key-encryption key (an older development
+        database): same kid and times, so what they signed still verifies. Returns how many."""
+        if self._aead is None:
+            return 0
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(signing_keys.c.kid, signing_keys.c.private_key).where(
+                    signing_keys.c.purpose == self.purpose, signing_keys.c.sealed == 0
+                )
+            ).all()
+        count = 0
+        for row in rows:
+            _, blob = self._seal(row.kid, self._open(row.kid, row.private_key, False))
+            with self.engine.begin() as conn:
+                # `sealed == 0` in the WHERE: a concurrent run that sealed it first wins.
+                count += conn.execute(
+                    update(signing_keys)
+                    .where(signing_keys.c.kid == row.kid, signing_keys.c.sealed == 0)
+                    .values(private_key=blob, sealed=1)
+                ).rowcount
+        if count:
+            self.reload()
+        return count
+
     def signing_key(self) -> SigningKey:
         now = self.clock()
         usable = [k for k in self._current() if k.signs_from <= now]
@@ -124,6 +150,10 @@ class KeyRing:
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [k.public_jwk for k in self.published()]}
+
+    def publishes(self, kid: str) -> bool:
+        """Whether `kid` is published now (re-read at least every RELOAD_SECONDS)."""
+        return any(k.kid == kid for k in self._current())
 
     def public_key(self, kid: str) -> ec.EllipticCurvePublicKey | None:
         key = next((k for k in self._current() if k.kid == kid), None)

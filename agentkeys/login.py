@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from agentkeys.timefmt import now_seconds
 REQUEST_TTL = 600
 PENDING, VERIFIED, CONSUMED, FAILED = "pending", "verified", "consumed", "failed"
 _CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ23456789"  # no vowels (no words), no 0/O or 1/I
+# The ids this service issues are token_urlsafe(16): anything else is unknown without a query
+# (and no NUL or other odd character a client sends ever reaches the database driver).
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 
 
 def token_hash(token: str) -> bytes:
@@ -178,6 +182,8 @@ class LoginRequests:
 
     def status(self, request_id: str, poll_token: str) -> Status:
         """The request's state for its requester (a verified one carries its identity)."""
+        if not REQUEST_ID.match(request_id):
+            raise UnknownRequest("No such sign-in request.")
         with read_only(self.engine).connect() as conn:
             row = conn.execute(
                 select(login_requests).where(login_requests.c.request_id == request_id)
@@ -185,7 +191,9 @@ class LoginRequests:
         # Constant-time: the poll token is a bearer secret.
         if row is None or not hmac.compare_digest(row.poll_token_hash, token_hash(poll_token)):
             raise UnknownRequest("No such sign-in request.")
-        if row.status == PENDING and row.expires_at <= self.clock():
+        # A verified request not picked up in its lifetime expires too: a poll token found
+        # days later must not turn into a session.
+        if row.status in (PENDING, VERIFIED) and row.expires_at <= self.clock():
             return Status(FAILED, error="expired", reason="The sign-in request expired.")
         if row.status == VERIFIED:
             return Status(VERIFIED, identity=Identity(row.identity_type, row.identity_value))
@@ -200,6 +208,7 @@ class LoginRequests:
                 .where(
                     login_requests.c.request_id == request_id,
                     login_requests.c.status == VERIFIED,
+                    login_requests.c.expires_at > self.clock(),
                 )
                 .values(status=CONSUMED)
             ).rowcount

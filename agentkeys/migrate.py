@@ -13,16 +13,17 @@ from sqlalchemy import Engine
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def alembic_config(engine: Engine) -> Config:
+def alembic_config(engine: Engine, client_id: str = "agentkeys") -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["engine"] = engine
+    config.attributes["client_id"] = client_id  # data migrations compute omni with it
     return config
 
 
-def upgrade(engine: Engine) -> None:
+def upgrade(engine: Engine, client_id: str = "agentkeys") -> None:
     """Bring the schema to the newest revision (idempotent)."""
-    config = alembic_config(engine)
+    config = alembic_config(engine, client_id)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

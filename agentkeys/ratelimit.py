@@ -3,6 +3,7 @@ memory, so they hold across gunicorn workers and instances."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -11,6 +12,7 @@ from sqlalchemy import Engine, case
 from sqlalchemy.dialects import postgresql, sqlite
 
 from agentkeys.db import rate_limits
+from agentkeys.errors import ConfigError
 from agentkeys.settings import Limit
 
 
@@ -27,7 +29,10 @@ class RateLimiter:
         """Count a hit; None while within the limit, else the seconds until the window ends."""
         now = int(self.clock())
         window_start = now - now % limit.seconds
-        hits = self.counter.incr(f"{name}:{subject}", window_start, limit.seconds)
+        # Hashed: a fixed-length key fits its column for any subject, and the counters table
+        # holds no addresses.
+        digest = hashlib.sha256(subject.encode()).hexdigest()
+        hits = self.counter.incr(f"{name}:{digest}", window_start, limit.seconds)
         if hits <= limit.count:
             return None
         return max(1, window_start + limit.seconds - now)
@@ -57,7 +62,13 @@ class RedisCounter:
     def __init__(self, url: str) -> None:
         import redis
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        except ValueError:  # its message can quote the URL: an unencoded "/" makes a "port"
+            raise ConfigError(
+                "AGENTKEYS_REDIS_URL must be redis:// or rediss:// "
+                "[user:password@]host[:port][/db] (user and password percent-encoded)"
+            ) from None
 
     def incr(self, key: str, window_start: int, seconds: int) -> int:
         name = f"agentkeys:limit:{key}:{window_start}"

@@ -59,7 +59,7 @@ class Services:
             issuer=settings.issuer,
             client_id=settings.client_id,
             ttl={IDENTITY: settings.identity_session_ttl, WALLET: settings.wallet_session_ttl},
-            revoked_before=store.sessions_valid_after,
+            generations=store,
         )
         counter: Counter = (
             RedisCounter(settings.redis_url) if settings.redis_url else SqlCounter(engine)

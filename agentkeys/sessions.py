@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
@@ -22,7 +22,8 @@ IDENTITY = "identity"
 WALLET = "wallet"
 LEEWAY_SECONDS = 30
 VERIFIED_CACHE_SIZE = 4096
-_REQUIRED = ["iss", "aud", "sub", "iat", "exp", "jti", "kind", "account", "omni_account"]
+MAX_HEADER_CHARS = 1024
+_REQUIRED = ["iss", "aud", "sub", "iat", "exp", "jti", "kind", "account", "omni_account", "gen"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,24 @@ class Session:
     issued_at: int
     expires_at: int
     jti: str
+    generation: int
+    kid: str
     wallet_address: str | None = None
 
 
+class Generations(Protocol):
+    """Per-account session generations (the IdentityLinkStore): revoking adds one."""
+
+    def session_generation(self, account: str) -> int | None:
+        """The generation valid sessions carry; None for an unknown or merged account."""
+
+    def member_generation(self, account: str, identity: Identity) -> int | None:
+        """The generation, if `identity` is linked to `account` now; else None."""
+
+
 class SessionTokens:
-    """Mints and verifies sessions; `revoked_before(account)` gives the account's
-    sessions_valid_after, or None when the account no longer exists."""
+    """Mints and verifies sessions; a session is valid while its account's generation is the
+    one it was minted in (exact revocation, PROTOCOL §6.3)."""
 
     def __init__(
         self,
@@ -48,11 +61,11 @@ class SessionTokens:
         issuer: str,
         client_id: str,
         ttl: dict[str, int],
-        revoked_before: Callable[[str], int | None],
+        generations: Generations,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.keys, self.issuer, self.client_id, self.ttl = keys, issuer, client_id, ttl
-        self.revoked_before, self.clock = revoked_before, clock
+        self.generations, self.clock = generations, clock
         # A token's signature check gives the same answer every time: remember recent ones
         # (keyed by the whole token; failures are never cached) instead of re-verifying ES256.
         self._signed = functools.lru_cache(maxsize=VERIFIED_CACHE_SIZE)(self._check_signature)
@@ -60,6 +73,12 @@ class SessionTokens:
     def mint(
         self, account: str, identity: Identity, kind: str = IDENTITY, wallet: str | None = None
     ) -> tuple[str, Session]:
+        generation = self.generations.member_generation(account, identity)
+        # Read with the link itself: an unlink committed before this refuses, one after it
+        # moves the generation on and so revokes this session too.
+        if generation is None:
+            raise Unauthorized("That identity is no longer linked to this account; sign in again.")
+        key = self.keys.signing_key()
         now = int(self.clock())
         session = Session(
             account=account,
@@ -69,6 +88,8 @@ class SessionTokens:
             issued_at=now,
             expires_at=now + self.ttl[kind],
             jti=secrets.token_urlsafe(16),
+            generation=generation,
+            kid=key.kid,
             wallet_address=wallet,
         )
         claims: dict[str, Any] = {
@@ -82,10 +103,10 @@ class SessionTokens:
             "account": account,
             "omni_account": session.omni_account,
             "identity_type": identity.type,
+            "gen": generation,
         }
         if wallet is not None:
             claims["wallet_address"] = wallet
-        key = self.keys.signing_key()
         token = jwt.encode(claims, key.private_key, algorithm="ES256", headers={"kid": key.kid})
         return token, session
 
@@ -99,9 +120,12 @@ class SessionTokens:
             raise Unauthorized("The session has expired; sign in again.")
         if session.kind not in kinds:
             raise Unauthorized(f"This needs a session of kind {' or '.join(kinds)}.")
-        valid_after = self.revoked_before(session.account)
-        # Unlink and merge revoke every older session of the account.
-        if valid_after is None or session.issued_at < valid_after:
+        # The signature check is cached per token: a key retired or withdrawn since must still
+        # end its tokens, within the key ring's reload interval.
+        if not self.keys.publishes(session.kid):
+            raise Unauthorized("The bearer token was signed with a key that is no longer valid.")
+        # Unlink, merge and sign-out-everywhere move the generation on: every older session ends.
+        if session.generation != self.generations.session_generation(session.account):
             raise Unauthorized("The session has been revoked; sign in again.")
         return session
 
@@ -131,8 +155,8 @@ class SessionTokens:
             )
         except jwt.PyJWTError:
             raise Unauthorized("The bearer token is not a valid session.") from None
-        iat, exp = claims["iat"], claims["exp"]
-        if type(iat) is not int or type(exp) is not int:
+        iat, exp, generation = claims["iat"], claims["exp"], claims["gen"]
+        if type(iat) is not int or type(exp) is not int or type(generation) is not int:
             raise Unauthorized("The bearer token is not a valid session.")
         if claims["sub"] != f"agentkeys:account:{claims['account']}":
             raise Unauthorized("The bearer token is not a valid session.")
@@ -144,15 +168,21 @@ class SessionTokens:
             issued_at=iat,
             expires_at=exp,
             jti=str(claims["jti"]),
+            generation=generation,
+            kid=str(kid),
             wallet_address=claims.get("wallet_address"),
         )
 
 
 def _unverified_kid(token: str) -> str | None:
     """The header's kid, to pick the key; jwt.decode then checks everything, header included."""
+    segment = token.split(".", 1)[0]
+    # Our headers are under 200 characters; a bound keeps deeply nested JSON from the parser.
+    if len(segment) > MAX_HEADER_CHARS:
+        raise Unauthorized("The bearer token is not a session token.")
     try:
-        header = json.loads(base64.urlsafe_b64decode(token.split(".", 1)[0] + "=="))
-    except (ValueError, UnicodeDecodeError):
+        header = json.loads(base64.urlsafe_b64decode(segment + "=="))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Unauthorized("The bearer token is not a session token.") from None
     kid = header.get("kid") if isinstance(header, dict) else None
     return kid if isinstance(kid, str) else None

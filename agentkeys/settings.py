@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +19,8 @@ KEK_VAR = "AGENTKEYS_KEY_ENCRYPTION_KEY"
 _HEX_SECRET = re.compile(r"(0x)?[0-9a-fA-F]{64}\Z")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+# The password of scheme://user:password@host; it runs to the last "@", as urllib reads it.
+_URL_PASSWORD = re.compile(r"(://[^:/]*:).*@", re.DOTALL)
 
 
 class Secret:
@@ -41,6 +43,11 @@ class Secret:
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # secrets are not dict keys
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password shown as ***: `postgresql://app:***@db/keys`."""
+    return _URL_PASSWORD.sub(r"\1***@", url, count=1)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,14 @@ class Settings:
     key_encryption_key: Secret | None = None
     rate_limits: dict[str, Limit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
 
+    def __repr__(self) -> str:
+        # DATABASE_URL, AGENTKEYS_MAIL_URL and AGENTKEYS_REDIS_URL may carry a password.
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={redact_url(value) if isinstance(value, str) else value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def oauth2_provider(self, name: str) -> OAuth2Provider | None:
         return next((p for p in self.oauth2_providers if p.name == name), None)
 
@@ -174,6 +189,7 @@ class Settings:
                 f"{MASTER_SECRET_VAR} is set while AGENTKEYS_ENV=production: "
                 "production builds reject the dev key service"
             )
+        _check_identity_types(self.oauth2_providers)
         for provider in self.oauth2_providers:
             # Discovery, JWKS and the code exchange must not be open to tampering in transit.
             if self.is_production and not provider.issuer.startswith("https://"):
@@ -270,6 +286,19 @@ def _hex_secret(name: str, raw: str | None) -> Secret | None:
     if not _HEX_SECRET.match(raw):
         raise ConfigError(f"{name} must be 64 hex characters (optionally 0x-prefixed)")
     return Secret(bytes.fromhex(raw.removeprefix("0x")))
+
+
+def _check_identity_types(providers: tuple[OAuth2Provider, ...]) -> None:
+    """omni joins type and value with no separator: if one identity type were a prefix of
+    another (`oauth2_goog`, `oauth2_google`), two people could share one account id."""
+    types = ["email", "evm", *(f"oauth2_{p.name}" for p in providers)]
+    for short in types:
+        for long in types:
+            if long != short and long.startswith(short):
+                raise ConfigError(
+                    f"OAuth2 provider names must not be prefixes of each other: "
+                    f"{short!r} and {long!r} (AGENTKEYS_OAUTH2_<NAME>_CLIENT_ID)"
+                )
 
 
 def _check_issuer(issuer: str, production: bool) -> None:

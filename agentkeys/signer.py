@@ -84,10 +84,19 @@ class SigningPolicy:
         not_before = siwe.not_before_datetime
         if not_before is not None and not_before > now:
             raise MessageNotAllowed("Not Before is in the future")
-        # A challenge bound to an account must only ever be signed with that account's bearer.
+        # Only bound challenges: the broker issues and verifies those only for a live session,
+        # so a signature is worth nothing outside one (a signer without a database relies on it).
+        own = f"{ACCOUNT_RESOURCE_PREFIX}{account}"
+        bound = False
         for resource in siwe.resources or ():
-            if resource.startswith(ACCOUNT_RESOURCE_PREFIX) and (
-                resource.removeprefix(ACCOUNT_RESOURCE_PREFIX) != account
-            ):
+            scheme, _, rest = resource.partition(":")
+            nid, _, nss = rest.partition(":")
+            # RFC 8141: the scheme and the NID compare case-insensitively, the rest exactly.
+            if (scheme.lower(), nid.lower()) != ("urn", "agentkeys"):
+                continue
+            if f"urn:agentkeys:{nss}" != own:
                 raise MessageNotAllowed("message is bound to another account")
+            bound = True
+        if not bound:
+            raise MessageNotAllowed(f"message is not bound to this account (resource {own})")
         return siwe

@@ -16,17 +16,19 @@ from agentkeys.errors import (
     ChallengeExpired,
     ChallengeUsed,
     InvalidSignature,
+    Unauthorized,
     UnknownRequest,
     WrongSigner,
 )
 from agentkeys.identity import EVM, Identity
+from agentkeys.login import REQUEST_ID
+from agentkeys.sessions import Session
 from agentkeys.signer import ACCOUNT_RESOURCE_PREFIX
 from agentkeys.siwe import SiweMessage
 from agentkeys.store import IdentityLinkStore
 from agentkeys.timefmt import now_seconds, rfc3339
 
 CHALLENGE_TTL = 600
-CLOCK_SKEW_SECONDS = 30  # a verify this late after expiry still counts: clocks drift
 PLAIN_STATEMENT = "Sign in to AgentKeys with this wallet."
 BOUND_STATEMENT = "Link this wallet to your AgentKeys account and sign in."
 
@@ -58,11 +60,13 @@ class WalletChallenges:
         self.engine, self.store, self.issuer = engine, store, issuer
         self.chain_ids, self.clock = chain_ids, clock
 
-    def start(self, address: str, chain_id: int | None, account: str | None) -> Challenge:
-        """A strict EIP-4361 challenge for `address` (lowercase), bound to `account` if given."""
+    def start(self, address: str, chain_id: int | None, session: Session | None) -> Challenge:
+        """A strict EIP-4361 challenge for `address` (lowercase), bound to the account of the
+        identity `session` if given; a bound challenge lives no longer than that session."""
         chain = self.chain_ids[0] if chain_id is None else chain_id
         if chain not in self.chain_ids:
             raise ChainNotAllowed(f"Chain id {chain} is not allowed here.")
+        account = None if session is None else session.account
         if account is not None:
             self.store.check_wallet_linkable(account, address)
         now = self.clock()
@@ -87,6 +91,8 @@ class WalletChallenges:
                     request_id=request_id,
                     address=address,
                     account=account,
+                    session_generation=None if session is None else session.generation,
+                    session_expires_at=None if session is None else session.expires_at,
                     message=message,
                     status="pending",
                     created_at=now,
@@ -97,6 +103,8 @@ class WalletChallenges:
 
     def verify(self, request_id: str, signature: str) -> WalletSignIn:
         """Consume the challenge (whatever the outcome), then check the signature."""
+        if not REQUEST_ID.match(request_id):
+            raise UnknownRequest("No such wallet challenge.")
         with self.engine.begin() as conn:
             row = conn.execute(
                 update(siwe_challenges)
@@ -110,6 +118,8 @@ class WalletChallenges:
                     siwe_challenges.c.account,
                     siwe_challenges.c.message,
                     siwe_challenges.c.expires_at,
+                    siwe_challenges.c.session_generation,
+                    siwe_challenges.c.session_expires_at,
                 )
             ).first()
         if row is None:
@@ -122,7 +132,8 @@ class WalletChallenges:
             if known is None:
                 raise UnknownRequest("No such wallet challenge.")
             raise ChallengeUsed("This challenge was already used; start a new one.")
-        if self.clock() > row.expires_at + CLOCK_SKEW_SECONDS:
+        # No grace: the broker wrote the Expiration Time with this same clock.
+        if self.clock() >= row.expires_at:
             raise ChallengeExpired("This challenge has expired; start a new one.")
         parse_signature(signature)  # malformed → 400
         try:
@@ -132,7 +143,11 @@ class WalletChallenges:
         if signer != row.address:
             raise WrongSigner("The signature is not by the challenge's address.")
         if row.account is not None:
-            self.store.confirm_wallet(row.account, row.address)
+            # The challenge dies with the session that started it: a revoked identity must not
+            # come back through a challenge it started before the revocation.
+            if self.clock() >= row.session_expires_at:
+                raise Unauthorized("The session that started this challenge has expired.")
+            self.store.confirm_wallet(row.account, row.address, row.session_generation)
             return WalletSignIn(row.account, row.address)
         # A plain sign-in: the account the address is confirmed for, or a new one; pending
         # links of other accounts stay pending (only a bound challenge confirms them).

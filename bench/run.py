@@ -43,14 +43,16 @@ ANCHOR = "ab" * 32
 TARGET_SIGN_RATIO = 0.8
 
 
-def siwe_message(address: str, domain: str) -> str:
+def siwe_message(address: str, domain: str, anchor: str) -> str:
+    """A challenge as the broker binds it to the account `anchor` (the signer signs no other)."""
     now = datetime.now(UTC).replace(microsecond=0)
     stamp = "%Y-%m-%dT%H:%M:%SZ"
     return (
         f"{domain} wants you to sign in with your Ethereum account:\n{address}\n\n"
         f"Sign in to AgentKeys.\n\nURI: http://{domain}\nVersion: 1\nChain ID: 1\n"
         f"Nonce: {secrets.token_hex(8)}\nIssued At: {now.strftime(stamp)}\n"
-        f"Expiration Time: {(now + timedelta(minutes=30)).strftime(stamp)}"
+        f"Expiration Time: {(now + timedelta(minutes=30)).strftime(stamp)}\n"
+        f"Resources:\n- urn:agentkeys:account:{anchor}"
     )
 
 
@@ -127,7 +129,7 @@ def http_benchmark(
         "/dev/derive-address": {"omni_account": anchor},
         "/dev/sign-message": {
             "omni_account": anchor,
-            "message_hex": siwe_message(address, domain).encode().hex(),
+            "message_hex": siwe_message(address, domain, anchor).encode().hex(),
         },
     }
     command = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py"]
@@ -190,7 +192,7 @@ def per_call_seconds(function: Callable[[], object], minimum: float = 1.0) -> fl
 
 
 def in_process_benchmark() -> dict[str, float]:
-    master, message = secrets.token_bytes(32), siwe_message("0x" + "00" * 20, "x").encode()
+    master, message = secrets.token_bytes(32), siwe_message("0x" + "00" * 20, "x", ANCHOR).encode()
 
     def ours_derive_and_sign() -> tuple[str, str]:
         wallet = derive_wallet(master, ANCHOR)

@@ -49,3 +49,23 @@ class Broker:
         status: dict[str, Any] = self.get(body["poll_url"], body["poll_token"]).json()
         assert status["status"] == "verified", status
         return status, token
+
+    def wallet_sign_in(self, identity_token: str, account: str) -> str:
+        """A bound challenge for the account's derived wallet, signed by /dev: a wallet session."""
+        address = self.post("/dev/derive-address", {"omni_account": account}, identity_token)
+        challenge = self.post(
+            "/v1/auth/wallet/start", {"address": address.json()["address"]}, identity_token
+        ).json()
+        message_hex = challenge["siwe_message"].encode().hex()
+        signed = self.post(
+            "/dev/sign-message",
+            {"omni_account": account, "message_hex": message_hex},
+            identity_token,
+        ).json()
+        verified = self.post(
+            "/v1/auth/wallet/verify",
+            {"request_id": challenge["request_id"], "signature": signed["signature"]},
+        )
+        assert verified.status_code == 200, verified.text
+        token: str = verified.json()["session_jwt"]
+        return token

@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert, select
 
 from agentkeys.blueprints.http import SERVICES_KEY
-from agentkeys.db import accounts, make_engine
+from agentkeys.db import accounts, identities, make_engine
 from agentkeys.factory import create_app
 from agentkeys.identity import EMAIL, Identity
 from agentkeys.migrate import upgrade
@@ -172,9 +172,12 @@ def siwe_text(
     chain_id: int = 1,
     expires_in: timedelta | None = timedelta(minutes=10),
     not_before: datetime | None = None,
-    resources: tuple[str, ...] = (),
+    resources: tuple[str, ...] | None = None,
 ) -> str:
-    """A SIWE message as the broker issues them, with knobs for the policy tests."""
+    """A SIWE message as the broker issues them (bound to the vector account unless
+    `resources` says otherwise), with knobs for the policy tests."""
+    if resources is None:
+        resources = (f"urn:agentkeys:account:{VECTOR_ANCHOR}",)
     now = datetime.now(UTC).replace(microsecond=0)
     origin = f"{scheme}://{domain}" if scheme else domain
     lines = [
@@ -206,10 +209,23 @@ def _rfc3339(moment: datetime) -> str:
 def bearer_for_account(app: Flask, anchor: str, kind: str = "identity") -> dict[str, str]:
     """An Authorization header for a session of the account `anchor` (created if absent)."""
     svc = services_of(app)
+    identity = Identity(EMAIL, f"vector-{anchor[:8]}@example.com")
     with svc.engine.begin() as conn:
         if conn.execute(select(accounts).where(accounts.c.anchor == anchor)).first() is None:
             conn.execute(insert(accounts).values(anchor=anchor, created_at=0))
-    token, _ = svc.sessions.mint(anchor, Identity(EMAIL, "vector@example.com"), kind=kind)
+            conn.execute(
+                insert(identities).values(
+                    identity_type=identity.type,
+                    identity_value=identity.value,
+                    account=anchor,
+                    status="linked",
+                    linked_at=0,
+                )
+            )
+        row = conn.execute(select(identities).where(identities.c.account == anchor)).first()
+        assert row is not None
+    linked = Identity(row.identity_type, row.identity_value)
+    token, _ = svc.sessions.mint(anchor, linked, kind=kind)
     return {"Authorization": f"Bearer {token}"}
 
 

@@ -208,6 +208,21 @@ def test_email_rate_limits(make_app: MakeApp, mailbox: Server) -> None:
     assert codes == [400, 400, 429]
 
 
+def test_the_mail_limit_counts_one_mailbox_once(make_app: MakeApp, mailbox: Server) -> None:
+    from agentkeys.settings import Limit
+
+    limits = {"email_address": Limit(2, 900), "email_ip": Limit(60, 60)}
+    app = make_app(mail_url=f"smtp://127.0.0.1:{mailbox.port}", rate_limits=limits)
+    client = app.test_client()
+    codes = [
+        client.post("/v1/auth/email/request", json={"email": email}).status_code
+        for email in ("me@example.com", "me+1@example.com", "ME+2@example.com", "you@example.com")
+    ]
+    assert codes == [202, 202, 429, 202]
+    # The address itself is unchanged: the mail goes to the subaddress it was asked for.
+    assert mailbox.recorder.envelopes[1].rcpt_tos == ["me+1@example.com"]
+
+
 def test_gone_endpoints(app: Flask) -> None:
     client = app.test_client()
     for path in ("/v1/auth/exchange", "/session/validate", "/session/create"):

@@ -16,7 +16,7 @@ from bench.run import ecdsa_derive_and_sign, siwe_message, wrk_script
 @given(master=st.binary(min_size=32, max_size=32), anchor=st.binary(min_size=32, max_size=32))
 def test_ecdsa_reference_matches_coincurve(master: bytes, anchor: bytes) -> None:
     wallet = derive_wallet(master, anchor.hex())
-    message = siwe_message(wallet.address, "127.0.0.1:8000")
+    message = siwe_message(wallet.address, "127.0.0.1:8000", anchor.hex())
     SiweMessage.parse(message)  # the benchmark signs a message the policy can accept
     expected = (wallet.address, wallet.sign_personal(message.encode()))
     assert ecdsa_derive_and_sign(master, anchor.hex(), message.encode()) == expected

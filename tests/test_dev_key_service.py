@@ -252,6 +252,34 @@ def _policy_cases() -> list[Any]:
             "bound to another account",
             id="other-account",
         ),
+        # RFC 8141: scheme and NID are case-insensitive, so this names the other account too.
+        pytest.param(
+            siwe_text(resources=(f"URN:AgentKeys:account:{OTHER_ANCHOR}",)).encode(),
+            "bound to another account",
+            id="other-account-urn-case",
+        ),
+        pytest.param(
+            siwe_text(
+                resources=(
+                    f"urn:agentkeys:account:{VECTOR_ANCHOR}",
+                    f"URN:agentkeys:account:{OTHER_ANCHOR}",
+                )
+            ).encode(),
+            "bound to another account",
+            id="own-and-other-account",
+        ),
+        pytest.param(
+            siwe_text(resources=(f"urn:agentkeys:account:{VECTOR_ANCHOR.upper()}",)).encode(),
+            "bound to another account",
+            id="own-anchor-in-upper-case",
+        ),
+        # Only bound challenges are signed (PROTOCOL v1.1 §5): a plain sign-in message is not.
+        pytest.param(siwe_text(resources=()).encode(), "not bound to this account", id="unbound"),
+        pytest.param(
+            siwe_text(resources=("https://example.com/x",)).encode(),
+            "not bound to this account",
+            id="unbound-other-resource",
+        ),
     ]
 
 
@@ -269,6 +297,11 @@ def test_signing_policy_allows_bound_and_not_before(client: FlaskClient) -> None
         not_before=datetime.now(UTC) - timedelta(minutes=1),
         resources=(f"urn:agentkeys:account:{VECTOR_ANCHOR}", "https://example.com/x"),
     )
+    assert client.post(SIGN, json=sign_body(text)).status_code == 200
+
+
+def test_signing_policy_reads_the_urn_case_insensitively(client: FlaskClient) -> None:
+    text = siwe_text(resources=(f"URN:AgentKeys:account:{VECTOR_ANCHOR}",))
     assert client.post(SIGN, json=sign_body(text)).status_code == 200
 
 

@@ -101,17 +101,16 @@ def test_link_conflicts_disclose_nothing(app: Flask) -> None:
 
 def test_link_needs_identity_bearer_and_valid_proof(app: Flask) -> None:
     client = app.test_client()
+    alice = bearer_for(app, A)
     proof = session_token(bearer_for(app, B))
     assert client.post("/v1/identities/link", json={"proof": proof}).status_code == 401
     wallet = bearer_for_account(app, omni("email", A), kind="wallet")
     assert (
         client.post("/v1/identities/link", json={"proof": proof}, headers=wallet).status_code == 401
     )
-    garbage = client.post(
-        "/v1/identities/link", json={"proof": "x.y.z"}, headers=bearer_for(app, A)
-    )
+    garbage = client.post("/v1/identities/link", json={"proof": "x.y.z"}, headers=alice)
     assert garbage.status_code == 401
-    missing = client.post("/v1/identities/link", json={}, headers=bearer_for(app, A))
+    missing = client.post("/v1/identities/link", json={}, headers=alice)
     assert missing.status_code == 400
 
 

@@ -292,6 +292,14 @@ def kids_of(keys: KeyRing) -> set[str]:
     return {jwk["kid"] for jwk in keys.jwks()["keys"]}
 
 
+class NeverRevoked:
+    def session_generation(self, account: str) -> int | None:
+        return 0
+
+    def member_generation(self, account: str, identity: Identity) -> int | None:
+        return 0
+
+
 def session_tokens(keys: KeyRing, clock: FakeClock) -> SessionTokens:
     """Sessions over `keys` for a worker whose accounts are never revoked."""
     return SessionTokens(
@@ -299,7 +307,7 @@ def session_tokens(keys: KeyRing, clock: FakeClock) -> SessionTokens:
         issuer="https://broker.example",
         client_id="agentkeys",
         ttl={IDENTITY: TOKEN_TTL, WALLET: TOKEN_TTL},
-        revoked_before=lambda account: 0,
+        generations=NeverRevoked(),
         clock=clock,
     )
 

@@ -142,6 +142,20 @@ def test_requests_expire(logins: LoginRequests, clock: Clock) -> None:
     assert logins.status(late.request_id, late.poll_token) == expired
 
 
+def test_a_verified_request_is_picked_up_only_within_its_lifetime(
+    logins: LoginRequests, clock: Clock
+) -> None:
+    started = logins.start_email(ONBOARD)
+    assert started.approve_token is not None
+    logins.approve(started.approve_token)
+    assert logins.status(started.request_id, started.poll_token).status == VERIFIED
+
+    clock.now = T0 + 3 * 86400  # a poll token found days later
+    expired = Status(FAILED, error="expired", reason="The sign-in request expired.")
+    assert logins.status(started.request_id, started.poll_token) == expired
+    assert logins.pickup(started.request_id) is False
+
+
 # --- OAuth2 (§6.2) ------------------------------------------------------------------------
 
 

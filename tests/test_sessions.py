@@ -18,13 +18,13 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from werkzeug.serving import make_server
 
-from agentkeys.db import make_engine
+from agentkeys.db import make_engine, signing_keys
 from agentkeys.errors import Unauthorized
 from agentkeys.identity import EMAIL, EVM, Identity
-from agentkeys.keys import KeyRing
+from agentkeys.keys import RELOAD_SECONDS, KeyRing
 from agentkeys.sessions import IDENTITY, LEEWAY_SECONDS, WALLET, SessionTokens
 from tests.conftest import BASE_SETTINGS, MakeApp, bearer_for
 from tests.vectors import OMNI_ONBOARD, VECTOR_ADDRESS, VECTOR_ANCHOR
@@ -41,7 +41,8 @@ INVALID = "The bearer token is not a valid session."
 EXPIRED = "The session has expired; sign in again."
 REVOKED = "The session has been revoked; sign in again."
 NEEDS_IDENTITY = "This needs a session of kind identity."
-REQUIRED = ["iss", "aud", "sub", "iat", "exp", "jti", "kind", "account", "omni_account"]
+REQUIRED = ["iss", "aud", "sub", "iat", "exp", "jti", "kind", "account", "omni_account", "gen"]
+RETIRED_KEY = "The bearer token was signed with a key that is no longer valid."
 
 
 class FakeClock:
@@ -52,15 +53,28 @@ class FakeClock:
         return self.now
 
 
+class FakeGenerations:
+    """Account generations to set by hand; every identity counts as linked to a known account."""
+
+    def __init__(self) -> None:
+        self.of: dict[str, int] = {ANCHOR: 0}
+
+    def session_generation(self, account: str) -> int | None:
+        return self.of.get(account)
+
+    def member_generation(self, account: str, identity: Identity) -> int | None:
+        return self.of.get(account)
+
+
 @dataclass
 class Rig:
-    """SessionTokens over a KeyRing on its own database, with a clock and revocations to set."""
+    """SessionTokens over a KeyRing on its own database, with a clock and generations to set."""
 
     engine: Engine
     keys: KeyRing
     tokens: SessionTokens
     clock: FakeClock
-    valid_after: dict[str, int]
+    generations: FakeGenerations
 
     @property
     def kid(self) -> str:
@@ -79,6 +93,7 @@ class Rig:
             "account": ANCHOR,
             "omni_account": OMNI_ONBOARD,
             "identity_type": EMAIL,
+            "gen": 0,
         }
         claims.update(changes)
         return {name: value for name, value in claims.items() if value is not None}
@@ -113,16 +128,16 @@ def rig(sqlite_url: str) -> Iterator[Rig]:
     clock = FakeClock()
     keys = KeyRing(engine, "session", kek=None, token_ttl=86400, clock=clock)
     keys.ensure_initial()
-    valid_after = {ANCHOR: 0}
+    generations = FakeGenerations()
     tokens = SessionTokens(
         keys,
         issuer=ISSUER,
         client_id="agentkeys",
         ttl={IDENTITY: 86400, WALLET: 900},
-        revoked_before=valid_after.get,
+        generations=generations,
         clock=clock,
     )
-    yield Rig(engine, keys, tokens, clock, valid_after)
+    yield Rig(engine, keys, tokens, clock, generations)
     engine.dispose()
 
 
@@ -159,6 +174,7 @@ def test_mint_and_verify_round_trip(rig: Rig, kind: str) -> None:
         "account": ANCHOR,
         "omni_account": OMNI_ONBOARD,
         "identity_type": EMAIL,
+        "gen": 0,
     }
     if kind == WALLET:
         expected |= {
@@ -195,7 +211,7 @@ def hs256_with_public_pem(rig: Rig) -> str:
 
 def revoked(rig: Rig) -> str:
     token = rig.mint()
-    rig.valid_after[ANCHOR] = NOW + 1  # an unlink or merge one second after sign-in
+    rig.generations.of[ANCHOR] += 1  # an unlink or merge, in the same second as the sign-in
     return token
 
 
@@ -227,6 +243,9 @@ REFUSALS: list[tuple[str, Case, str]] = [
     ("expired-beyond-leeway", lambda r: r.sign(r.claims(exp=NOW - 30)), EXPIRED),
     ("issued-in-the-future", lambda r: r.sign(r.claims(iat=NOW + 31)), INVALID),
     ("exp-not-a-number", lambda r: r.sign(r.claims(exp=str(NOW + 60))), INVALID),
+    ("gen-not-a-number", lambda r: r.sign(r.claims(gen="0")), INVALID),
+    ("gen-from-the-future", lambda r: r.sign(r.claims(gen=1)), REVOKED),
+    ("deeply-nested-header", lambda r: b64url(b"[" * 100_000) + ".e30.c2ln", NOT_A_SESSION_TOKEN),
     *(
         (f"missing-{name}", (lambda r, name=name: r.sign(r.claims(**{name: None}))), INVALID)
         for name in REQUIRED
@@ -234,7 +253,11 @@ REFUSALS: list[tuple[str, Case, str]] = [
     ("sub-of-another-account", lambda r: r.sign(r.claims(sub="agentkeys:account:00")), INVALID),
     ("wallet-where-identity-needed", lambda r: r.mint(kind=WALLET), NEEDS_IDENTITY),
     ("revoked", revoked, REVOKED),
-    ("unknown-account", lambda r: r.mint(account="cd" * 32), REVOKED),
+    (
+        "unknown-account",
+        lambda r: r.sign(r.claims(account="cd" * 32, sub=f"agentkeys:account:{'cd' * 32}")),
+        REVOKED,
+    ),
     ("garbage-payload", garbled_payload, INVALID),
     ("empty", lambda r: "", NOT_A_SESSION_TOKEN),
     ("word", lambda r: "garbage", NOT_A_SESSION_TOKEN),
@@ -281,16 +304,34 @@ def test_expiry_follows_the_clock_with_30s_leeway(
             rig.tokens.verify(token, kinds=(WALLET,))
 
 
-def test_revocation_boundary_is_the_second_of_sign_in(rig: Rig) -> None:
+def test_revocation_is_exact_within_one_second(rig: Rig) -> None:
     token = rig.mint()
-    rig.valid_after[ANCHOR] = NOW  # sessions issued at or after this second stay valid
-    assert rig.tokens.verify(token).issued_at == NOW
-    rig.clock.now = NOW + 1
-    fresh = rig.mint()
-    rig.valid_after[ANCHOR] = NOW + 1
-    assert rig.tokens.verify(fresh).issued_at == NOW + 1
+    assert rig.tokens.verify(token).generation == 0
+    rig.generations.of[ANCHOR] = 1  # revoked in the very second the session was minted
     with pytest.raises(Unauthorized, match=REVOKED):
         rig.tokens.verify(token)
+    fresh = rig.mint()  # the same second again: a session minted after the revocation lives
+    assert rig.tokens.verify(fresh).generation == 1
+
+
+def test_mint_refuses_an_identity_no_longer_linked(rig: Rig) -> None:
+    with pytest.raises(Unauthorized, match="no longer linked"):
+        rig.mint(account="cd" * 32)
+
+
+def test_a_retired_key_stops_verifying_cached_tokens(rig: Rig, sqlite_url: str) -> None:
+    token = rig.mint()
+    assert rig.tokens.verify(token).kid == rig.kid  # verified once: the signature is cached
+    # Another process withdraws the key (it is no longer published)...
+    other = make_engine(sqlite_url)
+    with other.begin() as conn:
+        conn.execute(update(signing_keys).values(retire_at=NOW - 1))
+    other.dispose()
+    # ...and within the key ring's reload interval every token it signed is refused.
+    rig.clock.now = NOW + RELOAD_SECONDS + 1
+    with pytest.raises(Unauthorized) as refused:
+        rig.tokens.verify(token)
+    assert refused.value.detail == RETIRED_KEY
 
 
 # -- the app over real HTTP, checked by pyjwt's JWK client and `ecdsa` --------------------------
@@ -377,10 +418,10 @@ def test_signature_checked_once_per_token_but_time_and_revocation_always(
     assert len(decodes) == 1
     with pytest.raises(Unauthorized, match="kind wallet"):  # the kind is checked on every use
         rig.tokens.verify(token, kinds=(WALLET,))
-    rig.valid_after[ANCHOR] = int(rig.clock()) + 1  # revoked
+    rig.generations.of[ANCHOR] = 1  # revoked
     with pytest.raises(Unauthorized, match="revoked"):
         rig.tokens.verify(token)
-    rig.valid_after[ANCHOR] = 0
+    rig.generations.of[ANCHOR] = 0
     rig.clock.now += 86400 + LEEWAY_SECONDS  # expired
     with pytest.raises(Unauthorized, match="expired"):
         rig.tokens.verify(token)

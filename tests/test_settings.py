@@ -175,3 +175,68 @@ def test_secret_not_logged(caplog: pytest.LogCaptureFixture) -> None:
     secret = Secret(bytes.fromhex(SECRET_HEX))
     logging.getLogger("t").warning("settings: %s %r", secret, Settings(dev_master_secret=secret))
     assert SECRET_HEX not in caplog.text and "**********" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:pw-s3cr3t-marker@db:5432/keys", "postgresql://app:***@db:5432/keys"),
+        ("redis://:pw-s3cr3t-marker@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("smtps://me@example.com:pw-s3cr3t-marker@mx:465", "smtps://me@example.com:***@mx:465"),
+        ("smtp://mailer:pw%40s3cr3t-marker@mx", "smtp://mailer:***@mx"),
+        # Unencoded "@" or "/" in the password: nothing of it shows.
+        ("postgresql://app:pw@s3cr3t-marker@db/keys", "postgresql://app:***@db/keys"),
+        ("redis://:pw-s3cr3t-marker/x@cache", "redis://:***@cache"),
+        ("postgresql://app@db:5432/keys", "postgresql://app@db:5432/keys"),
+        ("sqlite:////srv/keys.sqlite3", "sqlite:////srv/keys.sqlite3"),
+    ],
+)
+def test_url_passwords_hidden_from_repr(
+    url: str, shown: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(database_url=url, mail_url=url, redis_url=url)
+    assert settings.database_url == settings.mail_url == settings.redis_url == url  # still usable
+    logging.getLogger("t").warning("settings: %s %r", settings, settings)
+    assert str(settings) == repr(settings)
+    assert repr(settings).startswith("Settings(env='development', issuer=")
+    assert repr(settings).count(f"='{shown}'") == 3 and caplog.text.count(f"='{shown}'") == 6
+    assert "s3cr3t-marker" not in repr(settings) + caplog.text
+
+
+def test_url_passwords_hidden_from_repr_of_settings_from_env() -> None:
+    settings = Settings.from_env(
+        {
+            **PROD,
+            "DATABASE_URL": "postgres://app:pw-s3cr3t-marker@db/keys",
+            "AGENTKEYS_MAIL_URL": "smtp+starttls://mailer:pw-s3cr3t-marker@mx",
+            "AGENTKEYS_REDIS_URL": "rediss://default:pw-s3cr3t-marker@cache:6380",
+        }
+    )
+    shown = repr(settings)
+    assert "s3cr3t-marker" not in shown
+    assert "'postgres://app:***@db/keys'" in shown and "'rediss://default:***@cache:6380'" in shown
+    assert "mail_url='smtp+starttls://mailer:***@mx'" in shown
+
+
+@pytest.mark.parametrize(
+    ("names", "refused"),
+    [
+        (("GOOG", "GOOGLE"), True),  # oauth2_goog is a prefix of oauth2_google
+        (("GOOGLE", "GOOGLEX"), True),
+        (("A", "AB", "ABC"), True),
+        (("GOOGLE", "GITHUB"), False),
+        (("GOOGLE", "XGOOGLE"), False),  # a suffix is harmless: the types differ at once
+    ],
+)
+def test_provider_names_that_would_collide_in_omni_are_refused(
+    names: tuple[str, ...], refused: bool
+) -> None:
+    environ = dict(DEV)
+    for name in names:
+        environ[f"AGENTKEYS_OAUTH2_{name}_CLIENT_ID"] = "client"
+        environ[f"AGENTKEYS_OAUTH2_{name}_ISSUER"] = "https://idp.example"
+    if not refused:
+        assert len(Settings.from_env(environ).oauth2_providers) == len(names)
+        return
+    with pytest.raises(ConfigError, match="must not be prefixes of each other"):
+        Settings.from_env(environ)

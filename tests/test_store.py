@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TypeVar
 
 import pytest
@@ -14,14 +13,15 @@ from agentkeys.errors import (
     AgentKeysError,
     AnchorIdentity,
     IdentityAlreadyLinked,
+    IdentityConflict,
     InvalidEmail,
     LastIdentity,
     NotFound,
+    Unauthorized,
 )
 from agentkeys.identity import EMAIL, EVM, Identity, canonical_email, canonical_identity
 from agentkeys.sessions import LEEWAY_SECONDS
 from agentkeys.store import (
-    REVOCATION_CACHE_SECONDS,
     SPENT_GRACE_SECONDS,
     IdentityLinkStore,
     LinkedIdentity,
@@ -50,11 +50,11 @@ def count(engine: Engine, table: Table) -> int:
 def account_row(engine: Engine, anchor: str) -> tuple[int, str | None] | None:
     with engine.connect() as conn:
         row = conn.execute(
-            select(accounts.c.sessions_valid_after, accounts.c.merged_into).where(
+            select(accounts.c.session_generation, accounts.c.merged_into).where(
                 accounts.c.anchor == anchor
             )
         ).first()
-    return None if row is None else (int(row.sessions_valid_after), row.merged_into)
+    return None if row is None else (int(row.session_generation), row.merged_into)
 
 
 # --- sign-in and anchors (§1) -------------------------------------------------------------
@@ -65,14 +65,14 @@ def test_sign_in_creates_an_account_anchored_at_the_identitys_omni(
     store: IdentityLinkStore, engine: Engine, clock: Clock, identity: Identity
 ) -> None:
     assert store.resolve(identity) is None
-    assert store.sessions_valid_after(identity.omni(CLIENT_ID)) is None  # no such account yet
+    assert store.session_generation(identity.omni(CLIENT_ID)) is None  # no such account yet
 
     anchor = store.sign_in(identity)
 
     assert anchor == omni(identity.type, identity.value, CLIENT_ID)
     assert store.resolve(identity) == anchor
     assert store.identities(anchor) == [LinkedIdentity(identity, "linked", T0)]
-    assert store.sessions_valid_after(anchor) == 0
+    assert store.session_generation(anchor) == 0
     clock.now += 100
     assert store.sign_in(identity) == anchor  # idempotent: no second account, no new link time
     assert store.identities(anchor) == [LinkedIdentity(identity, "linked", T0)]
@@ -192,10 +192,10 @@ def test_merge_moves_the_proved_identity_into_the_callers_account(
     ]
     assert store.identities(b) == []
     # The emptied account is retired: all its sessions stop working.
-    assert account_row(engine, b) == (T0 + 60, a)
-    assert store.sessions_valid_after(b) is None
+    assert account_row(engine, b) == (1, a)
+    assert store.session_generation(b) is None
     # The caller's own sessions (the one that asked for the merge) keep working.
-    assert store.sessions_valid_after(a) == 0
+    assert store.session_generation(a) == 0
     # Recovery: either identity now signs in to the same account, hence the same wallet.
     assert store.sign_in(ALICE) == a
     assert store.sign_in(BOB) == a
@@ -215,7 +215,7 @@ def test_merge_of_an_identity_already_in_the_callers_account_changes_nothing(
 
     assert store.identities(a) == before
     assert account_row(engine, a) == (0, None)
-    assert store.sessions_valid_after(a) == 0
+    assert store.session_generation(a) == 0
 
 
 def test_merge_refuses_an_identity_whose_account_holds_others(
@@ -280,8 +280,8 @@ def test_unlink_refusals_change_nothing(
         store.unlink(account, identity)
 
     assert {a: store.identities(a), c: store.identities(c)} == before
-    assert store.sessions_valid_after(a) == 0
-    assert store.sessions_valid_after(c) == 0
+    assert store.session_generation(a) == 0
+    assert store.session_generation(c) == 0
 
 
 def test_unlink_removes_the_identity_and_revokes_older_sessions(
@@ -294,7 +294,7 @@ def test_unlink_removes_the_identity_and_revokes_older_sessions(
 
     assert store.identities(a) == [LinkedIdentity(ALICE, "linked", T0)]
     assert store.resolve(BOB) is None
-    assert store.sessions_valid_after(a) == T0 + 300
+    assert store.session_generation(a) == 1
     # Now ALICE is the last identity as well as the anchor.
     with pytest.raises(LastIdentity):
         store.unlink(a, ALICE)
@@ -310,16 +310,16 @@ def test_an_identity_unlinked_after_a_merge_gets_its_old_anchor_back(
     store.merge(a, b, BOB.omni(CLIENT_ID))
     clock.now = T0 + 120
     store.unlink(a, BOB)
-    assert store.sessions_valid_after(b) is None  # still retired until BOB signs in again
+    assert store.session_generation(b) is None  # still retired until BOB signs in again
     clock.now = T0 + 180
 
     assert store.sign_in(BOB) == b
 
-    assert account_row(engine, b) == (T0 + 180, None)
-    assert store.sessions_valid_after(b) == T0 + 180  # sessions of the old account stay dead
+    assert account_row(engine, b) == (2, None)
+    assert store.session_generation(b) == 2  # sessions of the old account stay dead
     assert store.identities(b) == [LinkedIdentity(BOB, "linked", T0 + 180)]
     assert store.identities(a) == [LinkedIdentity(ALICE, "linked", T0)]
-    assert store.sessions_valid_after(a) == T0 + 120
+    assert store.session_generation(a) == 1
     assert count(engine, accounts) == 2
 
 
@@ -385,18 +385,103 @@ def test_identities_lists_linked_identities_in_link_order(
     assert store.identities("00" * 32) == []
 
 
-def test_revocation_reaches_another_worker_within_a_second(engine: Engine, clock: Clock) -> None:
+def test_revocation_reaches_another_worker_at_once(engine: Engine, clock: Clock) -> None:
     worker_a = IdentityLinkStore(engine, CLIENT_ID, clock=clock)
     worker_b = IdentityLinkStore(engine, CLIENT_ID, clock=clock)
     account = worker_a.sign_in(Identity(EMAIL, "first@example.com"))
     merged = worker_a.sign_in(Identity(EMAIL, "second@example.com"))
     worker_a.merge(account, merged, omni(EMAIL, "second@example.com"))
-    assert worker_b.sessions_valid_after(account) == 0  # read, and kept for a moment
-    worker_a.sign_in(Identity(EMAIL, "third@example.com"))
-    worker_a.merge(account, omni(EMAIL, "third@example.com"), omni(EMAIL, "third@example.com"))
-    clock.now = T0 + 100
-    worker_a.unlink(account, Identity(EMAIL, "second@example.com"))
-    assert worker_a.sessions_valid_after(account) == T0 + 100  # its own change: at once
-    assert worker_b.sessions_valid_after(account) == 0  # the other worker: not yet...
-    time.sleep(REVOCATION_CACHE_SECONDS + 0.05)
-    assert worker_b.sessions_valid_after(account) == T0 + 100  # ...but within a second
+    assert worker_b.session_generation(account) == 0
+    worker_a.unlink(account, Identity(EMAIL, "second@example.com"))  # the same second
+    assert worker_a.session_generation(account) == 1
+    assert worker_b.session_generation(account) == 1  # no cache to wait out
+    worker_b.revoke_sessions(account)
+    assert worker_a.session_generation(account) == 2
+    assert worker_a.member_generation(account, Identity(EMAIL, "first@example.com")) == 2
+    assert worker_a.member_generation(account, Identity(EMAIL, "second@example.com")) is None
+    assert worker_a.member_generation(merged, Identity(EMAIL, "second@example.com")) is None
+
+
+# --- identities that hash to one anchor (§1: omni has no separators) ----------------------
+
+GOOGLE_SUB = "108234567890123456789"
+AT_GOOGLE = Identity("oauth2_google", GOOGLE_SUB)
+AT_GOOG = Identity("oauth2_goog", "le" + GOOGLE_SUB)  # the same bytes after the client id
+
+
+def test_an_identity_with_anothers_anchor_is_refused_not_attached(
+    store: IdentityLinkStore, engine: Engine
+) -> None:
+    assert AT_GOOG.omni(CLIENT_ID) == AT_GOOGLE.omni(CLIENT_ID)
+    victim = store.sign_in(AT_GOOGLE)
+
+    with pytest.raises(IdentityConflict) as refused:
+        store.sign_in(AT_GOOG)
+
+    assert refused.value.code == "identity_conflict"
+    assert store.resolve(AT_GOOG) is None
+    assert store.identities(victim) == [LinkedIdentity(AT_GOOGLE, "linked", T0)]
+    assert account_row(engine, victim) == (0, None)  # the victim's sessions live on
+    assert store.sign_in(AT_GOOGLE) == victim
+
+
+def test_a_retired_anchor_comes_back_only_to_its_own_identity(
+    store: IdentityLinkStore, engine: Engine
+) -> None:
+    a, b = store.sign_in(ALICE), store.sign_in(AT_GOOGLE)
+    store.merge(a, b, AT_GOOGLE.omni(CLIENT_ID))
+    store.unlink(a, AT_GOOGLE)  # b is retired and its identity linked nowhere
+
+    with pytest.raises(IdentityConflict):
+        store.sign_in(AT_GOOG)
+    assert account_row(engine, b) == (1, a)  # still retired, nothing attached
+    assert store.sign_in(AT_GOOGLE) == b
+
+
+# --- races that must end in a clear answer, never an integrity error ----------------------
+
+
+@pytest.mark.parametrize("round_", range(5))  # each round races afresh: the window is small
+def test_accounts_racing_to_confirm_one_wallet_one_wins_the_rest_get_409(
+    engine: Engine, clock: Clock, round_: int
+) -> None:
+    store = IdentityLinkStore(engine, CLIENT_ID, clock=clock)
+    people = [store.sign_in(Identity(EMAIL, f"p{i}@example.com")) for i in range(8)]
+    wallet = "0x" + "77" * 20
+    turn = iter(people)
+
+    def confirm() -> str:
+        account = next(turn)
+        try:
+            IdentityLinkStore(engine, CLIENT_ID, clock=clock).confirm_wallet(account, wallet, 0)
+        except IdentityAlreadyLinked:
+            return "409"
+        return "linked"
+
+    outcomes = race(8, confirm)
+
+    assert sorted(outcomes) == ["409"] * 7 + ["linked"]
+    assert store.resolve(Identity(EVM, wallet)) in people
+
+
+def test_racing_link_requests_of_one_account_all_answer_pending(store: IdentityLinkStore) -> None:
+    account = store.sign_in(ALICE)
+    wallet = "0x" + "78" * 20
+
+    assert race(8, lambda: store.request_wallet_link(account, wallet)) == ["pending_proof"] * 8
+    assert [i.status for i in store.identities(account)] == ["linked", "pending_proof"]
+
+
+def test_confirming_for_a_revoked_or_merged_generation_links_nothing(
+    store: IdentityLinkStore,
+) -> None:
+    a, b = store.sign_in(ALICE), store.sign_in(BOB)
+    store.revoke_sessions(a)
+    with pytest.raises(Unauthorized, match="revoked"):
+        store.confirm_wallet(a, CAROL.value, 0)  # started in generation 0
+    store.merge(a, b, BOB.omni(CLIENT_ID))
+    with pytest.raises(Unauthorized, match="revoked"):
+        store.confirm_wallet(b, CAROL.value, 0)  # b is merged away
+    assert store.resolve(CAROL) is None
+    store.confirm_wallet(a, CAROL.value, 1)
+    assert store.resolve(CAROL) == a

@@ -18,7 +18,7 @@ from agentkeys.blueprints.http import (
     services,
 )
 from agentkeys.errors import InvalidRequest, OAuth2Error
-from agentkeys.identity import EMAIL, OAUTH2_PREFIX, Identity, canonical_email
+from agentkeys.identity import EMAIL, OAUTH2_PREFIX, Identity, canonical_email, mailbox
 from agentkeys.login import CONSUMED, VERIFIED, Started
 from agentkeys.mail import build_sign_in_mail
 from agentkeys.oauth2 import new_nonce, new_pkce, new_state
@@ -114,7 +114,8 @@ def create_blueprint() -> Blueprint:
         body = load(email_schema, json_object())
         rate_limit("email_ip", client_ip())
         email = Identity(EMAIL, canonical_email(body["email"]))
-        rate_limit("email_address", email.value)
+        # One counter per mailbox: subaddresses (`+tag`) must not multiply the mail limit.
+        rate_limit("email_address", mailbox(email.value))
         svc = services()
         started = svc.logins.start_email(email)
         link = f"{svc.settings.issuer}/auth/email/landing#t={started.approve_token}"

@@ -37,7 +37,10 @@ def json_object() -> dict[str, Any]:
         raw = request.get_data(cache=True)  # a chunked body: werkzeug enforces the limit
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+        # A lone surrogate (\ud800) parses but is not Unicode: refuse it here, once, rather
+        # than in every hash, database driver and JWT library it would reach.
+        json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         raise Problem(400, "invalid_json", "The body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise Problem(400, "invalid_json", "The body must be a JSON object.")

@@ -70,6 +70,12 @@ def create_blueprint() -> Blueprint:
         services().store.unlink(session.account, canonical_identity(identity_type, identity_value))
         return "", 204
 
+    @bp.post("/v1/sessions/revoke")
+    def revoke_sessions() -> tuple[str, int]:
+        """Sign out everywhere: every session of the account so far, this one included."""
+        services().store.revoke_sessions(bearer_session().account)
+        return "", 204
+
     @bp.get("/v1/session-keys")
     def session_keys() -> Response:
         response = jsonify(services().session_keys.jwks())

@@ -60,11 +60,11 @@ def create_blueprint() -> Blueprint:
     def wallet_start() -> dict[str, Any]:
         body = json_object()
         # With an identity bearer the challenge is bound to that account; without, plain.
-        account = bearer_session().account if "Authorization" in request.headers else None
+        session = bearer_session() if "Authorization" in request.headers else None
         data = load(start_schema, body)
         address = normalize_address(data["address"])
         rate_limit("start_ip", client_ip())
-        challenge = services().wallet.start(address, data.get("chain_id"), account)
+        challenge = services().wallet.start(address, data.get("chain_id"), session)
         return {
             "request_id": challenge.request_id,
             "siwe_message": challenge.message,
