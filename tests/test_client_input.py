@@ -142,6 +142,22 @@ def test_any_path_parameter_is_a_4xx_problem(app: Flask, method: str, template: 
     check()
 
 
+def test_any_oauth2_callback_query_is_a_4xx_page(app: Flask) -> None:
+    client = app.test_client()
+
+    @settings(
+        max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(state=ANY_TEXT, code=ANY_TEXT, error=st.none() | ANY_TEXT)
+    def check(state: str, code: str, error: str | None) -> None:
+        query = {"state": state, "code": code} | ({} if error is None else {"error": error})
+        encoded = {k: v.encode("utf-8", "surrogatepass") for k, v in query.items()}
+        response = client.get("/auth/oauth2/callback", query_string=encoded)
+        assert response.status_code == 400 and response.mimetype == "text/html"
+
+    check()
+
+
 BEARER_ENDPOINTS = [
     ("GET", "/v1/identities"),
     ("POST", "/v1/mint-oidc-jwt"),
