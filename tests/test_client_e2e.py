@@ -56,9 +56,13 @@ class Local:
 
     def init(self, email: str = EMAIL) -> subprocess.CompletedProcess[str]:
         """`agentkeys init --email`, approving the mail as the person would."""
+        return self.approving("init", "--email", email)
+
+    def approving(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a command that waits for a magic link, approving the mail as the person would."""
         self.mailbox.recorder.envelopes.clear()
         with subprocess.Popen(
-            [*AGENTKEYS, "init", "--email", email],
+            [*AGENTKEYS, *args],
             env=self.env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -224,3 +228,30 @@ def test_a_session_revoked_elsewhere_is_one_line_and_exit_3(local: Local) -> Non
     assert refused.returncode == 3, refused.stderr
     [line] = refused.stderr.strip().splitlines()
     assert "run `agentkeys init` again" in line and "step 4" in line
+
+
+def test_whoami_link_and_unlink(local: Local) -> None:
+    assert local.init().returncode == 0
+    account = omni("email", EMAIL)
+    wallet = derive_wallet(VECTOR_MASTER, account).address
+
+    shown = local.run("whoami")
+    assert shown.returncode == 0, shown.stderr
+    assert f"account  {account}" in shown.stdout and f"wallet   {wallet}" in shown.stdout
+    assert "session  email, until " in shown.stdout and wallet.lower() in shown.stdout
+
+    backup = "backup@example.com"
+    linked = local.approving("identities", "link", "--email", backup)
+    assert linked.returncode == 0, linked.stderr
+    assert linked.stdout.strip() == f"linked email {backup} to {account}"
+    assert backup in local.run("whoami").stdout
+
+    # Recovery: signing in with the backup address gives the same account and wallet.
+    again = local.init(backup)
+    assert again.returncode == 0, again.stderr
+    assert f"account  {account}" in again.stdout and f"wallet   {wallet}" in again.stdout
+
+    unlinked = local.run("identities", "unlink", "email", backup)
+    assert unlinked.returncode == 0, unlinked.stderr
+    assert "every session was revoked" in unlinked.stderr
+    assert local.run("whoami").returncode == 3  # unlinking revoked this session too

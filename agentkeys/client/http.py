@@ -28,10 +28,11 @@ class Api:
         *,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        timeout: tuple[float, float] = TIMEOUT,
     ) -> None:
         self.base = base.rstrip("/")
         self.http = session or requests.Session()
-        self.sleep = sleep
+        self.sleep, self.timeout = sleep, timeout
 
     def get(self, step: str, path: str, token: str | None = None) -> dict[str, Any]:
         return self.call(step, "GET", path, token=token)
@@ -69,7 +70,7 @@ class Api:
             last = attempt == ATTEMPTS - 1 or not replay
             try:
                 response = self.http.request(
-                    method, self.base + path, json=body, headers=headers, timeout=TIMEOUT
+                    method, self.base + path, json=body, headers=headers, timeout=self.timeout
                 )
             except requests.RequestException as exc:
                 # A POST is sent again only if it provably never left: the connection failed.
