@@ -47,8 +47,9 @@ class IdentityLinkStore:
         self.client_id = client_id
         self.clock = clock
         mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        # Only the driver's placeholder is put into the text; the anchor goes as a parameter.
         self._generation_sql = (
-            f"SELECT session_generation, merged_into FROM accounts WHERE anchor = {mark}"
+            f"SELECT session_generation, merged_into FROM accounts WHERE anchor = {mark}"  # noqa: S608
         )
 
     def resolve(self, identity: Identity) -> str | None:
