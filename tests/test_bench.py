@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentkeys.crypto import derive_wallet
 from agentkeys.siwe import SiweMessage
+from bench.client import STEPS, shares
 from bench.run import ecdsa_derive_and_sign, siwe_message, wrk_script
 
 
@@ -29,3 +31,11 @@ def test_wrk_script_posts_json() -> None:
     body = json.loads(json.loads(script.splitlines()[2].removeprefix("wrk.body = ")))
     assert body == {"omni_account": "ab"}
     assert wrk_script(None) == ""
+
+
+def test_cold_mint_shares_cover_every_step() -> None:
+    rounds = [dict.fromkeys(STEPS, 0.001) | {"STS": 0.004}, dict.fromkeys(STEPS, 0.003)]
+    split = shares(rounds)
+    assert list(split) == list(STEPS)
+    assert split["STS"] == pytest.approx((3.5, 3.5 / 13.5))  # median in ms, share of the sum
+    assert sum(share for _, share in split.values()) == pytest.approx(1)
