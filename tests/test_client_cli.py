@@ -28,6 +28,7 @@ COMMANDS = [
     ["exec"],
     ["whoami"],
     ["logout"],
+    ["serve"],
     ["identities"],
     ["identities", "link"],
     ["identities", "unlink"],

@@ -35,22 +35,10 @@ class Home:
         return data if isinstance(data, dict) else None
 
     def write(self, name: str, data: dict[str, Any]) -> Path:
-        """Replace `name` atomically: a crash leaves the old file or the new one, never half."""
-        folder = self.ensure()
-        target = folder / name
+        """Replace `name` with `data` as JSON, atomically and 0600."""
+        target = self.ensure() / name
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        _fsync_dir(target.parent)
+        write_atomic(target, json.dumps(data).encode())
         return target
 
     def remove(self, name: str) -> bool:
@@ -77,6 +65,23 @@ def credentials_name(broker_url: str, role_arn: str, duration: int) -> str:
     """The cache file of one role's credentials from one broker (role ARNs are not file names)."""
     key = hashlib.sha256(f"{broker_url}\n{role_arn}\n{duration}".encode()).hexdigest()[:24]
     return f"credentials/{key}.json"
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """Replace `target` with `data`, 0600: a crash leaves the old file or the new one, never
+    half, and a reader never sees a partial write."""
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

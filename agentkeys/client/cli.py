@@ -256,5 +256,77 @@ def unlink(ctx: click.Context, identity_type: str, value: str) -> None:
     )
 
 
+@main.command(epilog=EXIT_CODES)
+@click.option("--role-arn", help=ROLE_HELP)
+@click.option(
+    "--duration", type=DURATION, default=3600, show_default=True, help="Seconds (900-43200)."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Port of the endpoint on 127.0.0.1 (0: a free one).",
+)
+@click.option(
+    "--web-identity-token-file",
+    "token_file",
+    type=click.Path(dir_okay=False),
+    help="Also keep a fresh OIDC token in this file, for SDKs that call STS themselves.",
+)
+@click.option(
+    "--no-container", is_flag=True, help="No endpoint: only the --web-identity-token-file."
+)
+@click.option(
+    "--refresh-at",
+    type=click.FloatRange(0.001, 0.9),
+    default=0.5,
+    show_default=True,
+    help="Renew a token or credentials once this share of their life has passed.",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    role_arn: str | None,
+    duration: int,
+    port: int,
+    token_file: str | None,
+    no_container: bool,
+    refresh_at: float,
+) -> None:
+    """Keep credentials fresh for long-running agents until SIGTERM. Export the lines it prints:
+    AWS_CONTAINER_CREDENTIALS_FULL_URI and AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE (an endpoint
+    on 127.0.0.1 that SDKs fetch credentials from), and with --web-identity-token-file
+    AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN and AWS_ROLE_SESSION_NAME (the SDK calls STS with
+    the token; it takes these over the endpoint when both are set)."""
+    import shlex
+    from pathlib import Path
+
+    config = config_of(ctx, role_arn=role_arn)
+    if not config.role_arn:
+        raise click.UsageError("no role: give --role-arn or set AGENTKEYS_ROLE_ARN")
+    if no_container and token_file is None:
+        raise click.UsageError("--no-container leaves nothing to serve without a token file")
+    path = Path(token_file).absolute() if token_file else None
+    if path is not None and not path.parent.is_dir():
+        raise click.UsageError(f"no folder {path.parent} for --web-identity-token-file")
+    from agentkeys.client import serve as daemon
+
+    def announce(exports: dict[str, str]) -> None:
+        click.echo("\n".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()))
+
+    with failures():
+        daemon.run(
+            config,
+            config.role_arn,
+            duration,
+            announce=announce,
+            port=port,
+            token_file=path,
+            container=not no_container,
+            refresh_at=refresh_at,
+        )
+
+
 if __name__ == "__main__":
     main()

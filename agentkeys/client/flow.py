@@ -235,19 +235,32 @@ def assume_role(
     )
 
 
-def fresh_credentials(config: ClientConfig, role_arn: str, duration: int = 3600) -> Credentials:
+def fresh_credentials(
+    config: ClientConfig,
+    role_arn: str,
+    duration: int = 3600,
+    *,
+    newer_than: int = 0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Credentials:
     """Credentials for `role_arn`: from the cache, or minted once under a lock however many
-    processes ask at the same moment (the others wait and take the cached ones)."""
-    found = cached(config.home, config.broker_url, role_arn, duration)
+    processes ask at the same moment (the others wait and take the cached ones). A daemon
+    renewing early passes `newer_than`, the expiry of what it holds."""
+
+    def usable() -> Credentials | None:
+        found = cached(config.home, config.broker_url, role_arn, duration)
+        return found if found is not None and found.expiration > newer_than else None
+
+    found = usable()
     if found is not None:
         return found
     name = credentials_name(config.broker_url, role_arn, duration)
     with config.home.lock(name):
-        found = cached(config.home, config.broker_url, role_arn, duration)
+        found = usable()
         if found is not None:
             return found
         session = config.session()
-        token = Client(config).oidc_token(session)
+        token = Client(config, sleep=sleep).oidc_token(session)
         credentials = assume_role(
             config, token, role_arn=role_arn, duration=duration, wallet=session["wallet"]
         )
