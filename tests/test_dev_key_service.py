@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -211,55 +212,63 @@ OTHER_ANCHOR = "cd" * 32
 
 
 def _policy_cases() -> list[Any]:
-    now = datetime.now(UTC)
+    """Messages are made when each test runs: their times are relative to now."""
     lower = VECTOR_ADDRESS.lower()
     return [
-        pytest.param(b"hello", "not strict EIP-4361", id="plain-text"),
-        pytest.param(b"\xff\xfe", "not UTF-8", id="binary"),
+        pytest.param(lambda: b"hello", "not strict EIP-4361", id="plain-text"),
+        pytest.param(lambda: b"\xff\xfe", "not UTF-8", id="binary"),
         pytest.param(
-            siwe_text().replace("Version: 1", "Version: 2").encode(),
+            lambda: siwe_text().replace("Version: 1", "Version: 2").encode(),
             "not strict EIP-4361",
             id="version",
         ),
-        pytest.param(siwe_text(lower).encode(), "not strict EIP-4361", id="lowercase-address"),
         pytest.param(
-            siwe_text(domain="evil.example").encode(), "domain 'evil.example'", id="domain"
+            lambda: siwe_text(lower).encode(), "not strict EIP-4361", id="lowercase-address"
         ),
-        pytest.param(siwe_text(domain="127.0.0.1:8001").encode(), "domain", id="port"),
-        pytest.param(siwe_text(scheme="https").encode(), "scheme must be 'http'", id="scheme"),
         pytest.param(
-            siwe_text("0x0000000000000000000000000000000000000001").encode(),
+            lambda: siwe_text(domain="evil.example").encode(), "domain 'evil.example'", id="domain"
+        ),
+        pytest.param(lambda: siwe_text(domain="127.0.0.1:8001").encode(), "domain", id="port"),
+        pytest.param(
+            lambda: siwe_text(scheme="https").encode(), "scheme must be 'http'", id="scheme"
+        ),
+        pytest.param(
+            lambda: siwe_text("0x0000000000000000000000000000000000000001").encode(),
             "address is not the wallet",
             id="other-address",
         ),
-        pytest.param(siwe_text(chain_id=5).encode(), "chain id 5 is not allowed", id="chain"),
         pytest.param(
-            siwe_text(expires_in=None).encode(), "Expiration Time is required", id="no-exp"
+            lambda: siwe_text(chain_id=5).encode(), "chain id 5 is not allowed", id="chain"
         ),
         pytest.param(
-            siwe_text(expires_in=timedelta(seconds=-5)).encode(), "has passed", id="expired"
+            lambda: siwe_text(expires_in=None).encode(), "Expiration Time is required", id="no-exp"
         ),
         pytest.param(
-            siwe_text(expires_in=timedelta(minutes=61)).encode(), "more than 1 hour", id="too-long"
+            lambda: siwe_text(expires_in=timedelta(seconds=-5)).encode(), "has passed", id="expired"
         ),
         pytest.param(
-            siwe_text(not_before=now + timedelta(minutes=2)).encode(),
+            lambda: siwe_text(expires_in=timedelta(minutes=61)).encode(),
+            "more than 1 hour",
+            id="too-long",
+        ),
+        pytest.param(
+            lambda: siwe_text(not_before=datetime.now(UTC) + timedelta(minutes=2)).encode(),
             "Not Before is in the future",
             id="not-before",
         ),
         pytest.param(
-            siwe_text(resources=(f"urn:agentkeys:account:{OTHER_ANCHOR}",)).encode(),
+            lambda: siwe_text(resources=(f"urn:agentkeys:account:{OTHER_ANCHOR}",)).encode(),
             "bound to another account",
             id="other-account",
         ),
         # RFC 8141: scheme and NID are case-insensitive, so this names the other account too.
         pytest.param(
-            siwe_text(resources=(f"URN:AgentKeys:account:{OTHER_ANCHOR}",)).encode(),
+            lambda: siwe_text(resources=(f"URN:AgentKeys:account:{OTHER_ANCHOR}",)).encode(),
             "bound to another account",
             id="other-account-urn-case",
         ),
         pytest.param(
-            siwe_text(
+            lambda: siwe_text(
                 resources=(
                     f"urn:agentkeys:account:{VECTOR_ANCHOR}",
                     f"URN:agentkeys:account:{OTHER_ANCHOR}",
@@ -269,22 +278,29 @@ def _policy_cases() -> list[Any]:
             id="own-and-other-account",
         ),
         pytest.param(
-            siwe_text(resources=(f"urn:agentkeys:account:{VECTOR_ANCHOR.upper()}",)).encode(),
+            lambda: siwe_text(
+                resources=(f"urn:agentkeys:account:{VECTOR_ANCHOR.upper()}",)
+            ).encode(),
             "bound to another account",
             id="own-anchor-in-upper-case",
         ),
         # Only bound challenges are signed (PROTOCOL v1.1 §5): a plain sign-in message is not.
-        pytest.param(siwe_text(resources=()).encode(), "not bound to this account", id="unbound"),
         pytest.param(
-            siwe_text(resources=("https://example.com/x",)).encode(),
+            lambda: siwe_text(resources=()).encode(), "not bound to this account", id="unbound"
+        ),
+        pytest.param(
+            lambda: siwe_text(resources=("https://example.com/x",)).encode(),
             "not bound to this account",
             id="unbound-other-resource",
         ),
     ]
 
 
-@pytest.mark.parametrize(("message", "reason"), _policy_cases())
-def test_signing_policy_refuses(client: FlaskClient, message: bytes, reason: str) -> None:
+@pytest.mark.parametrize(("make", "reason"), _policy_cases())
+def test_signing_policy_refuses(
+    client: FlaskClient, make: Callable[[], bytes], reason: str
+) -> None:
+    message = make()
     response = client.post(SIGN, json={"omni_account": VECTOR_ANCHOR, "message_hex": message.hex()})
     assert response.status_code == 403
     body = response.json
