@@ -2,26 +2,35 @@
 
 It makes a 0600 master secret and key-encryption key on first run, keeps instance/ private,
 migrates SQLite there with sealed signing keys, prints the sign-in mail to the console, and the
-session from that mail gets the account's wallet address. PORT moves the whole service.
+session from that mail gets the account's wallet address. PORT moves the whole service. Beside
+it, a loopback-only STS stand-in turns that sign-in into credentials and stops with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import json
 import os
 import re
+import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import boto3
 import pytest
 import requests
 
 from agentkeys.crypto import derive_wallet, omni
-from tests.live import bin_dev, checkout_copy, clean_env, run_bounded
+from tests.live import bin_dev, checkout_copy, clean_env, free_port, run_bounded
 
 EMAIL = "newcomer@example.com"
+DEV_ROLE = "arn:aws:iam::123456789012:role/agentkeys-dev"
 
 
 def sign_in_and_derive(repo: Path) -> str:
@@ -176,3 +185,161 @@ def test_bin_help_runs_nothing(tmp_path: Path, script: str, flag: str) -> None:
         assert "PORT" in result.stdout
     # Nothing ran: no venv was made, no server or release step touched instance/.
     assert not (repo / ".venv").exists() and not (repo / "instance").exists()
+
+
+def listening(port: int) -> set[str]:
+    """The addresses a socket listens on at `port`, read from /proc/net (no traffic sent)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host byte order
+                if sys.byteorder == "little":
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def closed(port: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while listening(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def printed_exports(stderr: list[str]) -> dict[str, str]:
+    return dict(re.findall(r"^  export (AGENTKEYS_\w+)=(\S+)$", "".join(stderr), flags=re.M))
+
+
+def test_bin_dev_sts_stand_in_end_to_end(tmp_path: Path) -> None:
+    """The printed exports, as a newcomer pastes them: `agentkeys init` approved through the
+    console mail, then `agentkeys credentials` from the stand-in, for this account's wallet."""
+    repo = checkout_copy(tmp_path / "main")
+    sts_port = free_port()
+    sts = f"http://127.0.0.1:{sts_port}"
+    with bin_dev(repo, AGENTKEYS_DEV_STS_PORT=str(sts_port)) as run:
+        run.stderr_line("aws sts get-caller-identity")
+        printed = "".join(run.stderr)
+        exports = printed_exports(run.stderr)
+        assert exports == {
+            "AGENTKEYS_BROKER_URL": run.base,
+            "AGENTKEYS_STS_ENDPOINT_URL": sts,
+            "AGENTKEYS_ROLE_ARN": DEV_ROLE,
+        }
+        assert f"dev: DEV ONLY STS stand-in on {sts}: moto's server, NOT AWS." in printed
+        assert "  agentkeys init --email me@example.com\n" in printed
+        assert "  credential_process = agentkeys credentials\n" in printed
+        command = f"  aws sts get-caller-identity --profile agentkeys --endpoint-url {sts}\n"
+        assert command in printed
+        assert listening(sts_port) == {"127.0.0.1"}  # loopback only, and not on every address
+
+        agentkeys = str(repo / ".venv" / "bin" / "agentkeys")
+        env = clean_env(
+            **exports,
+            AGENTKEYS_HOME=str(tmp_path / "agentkeys-home"),
+            AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
+        )
+        with subprocess.Popen(
+            [agentkeys, "init", "--email", EMAIL],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as init:
+            token = run.magic_link(timeout=30).split("#t=", 1)[1]
+            approved = requests.post(
+                run.base + "/v1/auth/email/verify", json={"token": token}, timeout=10
+            )
+            assert approved.status_code == 200, approved.text
+            out, err = init.communicate(timeout=60)
+        assert init.returncode == 0, err
+        master = bytes.fromhex((repo / "instance" / "dev-master-secret").read_text().strip())
+        wallet = derive_wallet(master, omni("email", EMAIL)).address
+        assert f"wallet   {wallet}" in out
+
+        given = run_bounded([agentkeys, "credentials"], cwd=repo, env=env, timeout=60)
+        assert given.returncode == 0, given.stderr
+        body = json.loads(given.stdout)
+        # The stand-in knows these keys: they are the role session it made for this wallet.
+        identity = boto3.client(
+            "sts",
+            region_name="us-east-1",
+            endpoint_url=sts,
+            aws_access_key_id=body["AccessKeyId"],
+            aws_secret_access_key=body["SecretAccessKey"],
+            aws_session_token=body["SessionToken"],
+        ).get_caller_identity()
+        session_name = f"agentkeys-{wallet.lower()[2:]}"
+        assert (
+            identity["Arn"]
+            == f"arn:aws:sts::123456789012:assumed-role/agentkeys-dev/{session_name}"
+        )
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_bin_dev_takes_the_stand_in_with_it(tmp_path: Path, stop: str) -> None:
+    """Ctrl-C in a terminal signals the whole foreground group; a supervisor sends SIGTERM to
+    bin/dev alone. Either way the stand-in's port closes with the server's."""
+    repo = checkout_copy(tmp_path / "main")
+    port, sts_port = free_port(), free_port()
+    log = tmp_path / "bin-dev.stderr"
+    env = clean_env(PORT=str(port), AGENTKEYS_DEV_STS_PORT=str(sts_port), PYTHONUNBUFFERED="1")
+    with (
+        log.open("w") as stderr,
+        subprocess.Popen(
+            [str(repo / "bin" / "dev")],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        ) as process,
+    ):
+        try:
+            deadline = time.monotonic() + 60
+            while "aws sts get-caller-identity" not in log.read_text():
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            assert listening(sts_port) == {"127.0.0.1"}
+            if stop == "ctrl-c":
+                os.killpg(process.pid, signal.SIGINT)
+            else:
+                process.terminate()
+            process.wait(timeout=30)
+            assert closed(sts_port) and closed(port), log.read_text()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_bin_dev_runs_without_the_stand_in_when_its_port_is_taken(tmp_path: Path) -> None:
+    repo = checkout_copy(tmp_path / "main")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        sts_port = taken.getsockname()[1]
+        with bin_dev(repo, AGENTKEYS_DEV_STS_PORT=str(sts_port)) as run:
+            line = run.stderr[run.stderr_line("STS stand-in")]
+            assert line == (
+                f"dev: NO STS stand-in: 127.0.0.1:{sts_port} is taken;"
+                " set AGENTKEYS_DEV_STS_PORT.\n"
+            )
+            assert printed_exports(run.stderr) == {}
+            assert requests.get(run.base + "/healthz", timeout=10).json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("value", ["sts", "0", "010", "65536", "same"])
+def test_bin_dev_refuses_a_bad_sts_port(tmp_path: Path, value: str) -> None:
+    repo = checkout_copy(tmp_path / "main")
+    port = str(free_port())
+    env = clean_env(PORT=port, AGENTKEYS_DEV_STS_PORT=port if value == "same" else value)
+    result = run_bounded(["bin/dev"], cwd=repo, env=env, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "dev: AGENTKEYS_DEV_STS_PORT must be a port (1-65535) other than PORT"
+    )

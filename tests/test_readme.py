@@ -1,13 +1,19 @@
-"""The README's operator commands, run as written (a checkout, its venv, development mode)."""
+"""The README's operator commands and its quick start, run as written (a checkout, its venv,
+development mode)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.live import ROOT, bin_dev, checkout_copy, clean_env
+import requests
+
+from agentkeys.crypto import derive_wallet, omni
+from tests.live import ROOT, bin_dev, checkout_copy, clean_env, free_port
 
 
 def production_blocks() -> list[str]:
@@ -15,6 +21,16 @@ def production_blocks() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Production\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
+
+
+def quick_start() -> tuple[list[str], str]:
+    """The shell blocks and the profile of the README's quick start."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Quick start: AWS credentials on one machine\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
+    [profile] = re.findall(r"```ini\n(.*?)```", section, flags=re.DOTALL)
+    return blocks, profile
 
 
 def shell(script: str, cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -65,3 +81,47 @@ def test_operator_commands_on_bin_dev_database(tmp_path: Path) -> None:
     result = shell(production_blocks()[1], repo)
     assert result.returncode == 0, result.stderr
     assert {line.split()[0] for line in result.stdout.splitlines()} == {"session", "oidc"}
+
+
+def test_quick_start_walk_as_written(tmp_path: Path) -> None:
+    """The quick start as a newcomer types it, on bin/dev's own ports and with a fresh home: the
+    exports are the ones bin/dev prints, and `aws` gets this account's role session."""
+    [start, sign_in, call], profile = quick_start()
+    assert start == "bin/dev\n"
+    repo = checkout_copy(tmp_path / "main")
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "config").write_text(profile)
+    sts_port = free_port()
+    with bin_dev(repo, AGENTKEYS_DEV_STS_PORT=str(sts_port)) as run:
+        run.stderr_line("aws sts get-caller-identity")
+
+        def here(text: str) -> str:
+            text = text.replace("127.0.0.1:8000", f"127.0.0.1:{run.port}")
+            return text.replace("127.0.0.1:8001", f"127.0.0.1:{sts_port}")
+
+        printed = [line.strip() for line in run.stderr]
+        for line in (sign_in + profile + call).splitlines():
+            if not line.startswith(". "):  # bin/dev prints the venv's absolute path
+                assert here(line) in printed, line
+        aws = {
+            "HOME": str(home),
+            "AWS_CONFIG_FILE": str(home / ".aws" / "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / ".aws" / "credentials"),
+        }
+        with ThreadPoolExecutor(1) as pool:
+            walked = pool.submit(shell, here(sign_in + call), repo, **aws)
+            token = run.magic_link(timeout=60).split("#t=", 1)[1]
+            approved = requests.post(
+                run.base + "/v1/auth/email/verify", json={"token": token}, timeout=10
+            )
+            assert approved.status_code == 200, approved.text
+            result = walked.result(timeout=150)
+    assert result.returncode == 0, result.stderr
+    master = bytes.fromhex((repo / "instance" / "dev-master-secret").read_text().strip())
+    wallet = derive_wallet(master, omni("email", "me@example.com")).address
+    identity = json.loads(result.stdout[result.stdout.index("{") :])
+    assert identity["Arn"] == (
+        f"arn:aws:sts::123456789012:assumed-role/agentkeys-dev/agentkeys-{wallet.lower()[2:]}"
+    )
+    assert (home / ".agentkeys" / "session.json").exists()
