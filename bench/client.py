@@ -162,7 +162,7 @@ def cold_benchmark(rounds: int, tmp: Path) -> tuple[list[dict[str, float]], list
         AWS_SHARED_CREDENTIALS_FILE=str(tmp / "aws-credentials"),
     )
     config = ClientConfig.from_env(environ=client_env)
-    cache = config.home.path / credentials_name(base, ROLE, 3600)
+    cache = config.home.path / config.credentials_name(ROLE, 3600)
     command = [*COMMANDS["console script"], "credentials"]
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=sts_port, verbose=False)

@@ -106,3 +106,64 @@ def check_tags(tags: Any) -> None:
     transitive = tags.get("transitive_tag_keys", [])
     if not isinstance(transitive, list) or not set(transitive) <= set(principal):
         raise Rejected("transitive_tag_keys must name principal tags")
+
+
+class CheckingSts:
+    """moto's STS behind this checker, on loopback: AssumeRoleWithWebIdentity reaches moto only
+    with a token STS itself would accept from `provider_url`; otherwise InvalidIdentityToken,
+    as STS answers. Every other call passes through. `checked` counts the tokens it passed."""
+
+    def __init__(self, moto_url: str, provider_url: str) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs
+
+        checker = self
+        self.checked = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                form = parse_qs(body.decode())
+                if form.get("Action") == ["AssumeRoleWithWebIdentity"]:
+                    try:
+                        check(
+                            form.get("WebIdentityToken", [""])[0],
+                            provider_url=provider_url,
+                            client_ids=["sts.amazonaws.com"],
+                        )
+                    except Rejected as exc:
+                        return self.reply(400, _sts_error("InvalidIdentityToken", str(exc)))
+                    checker.checked += 1
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                answer = requests.post(moto_url + self.path, data=body, headers=headers, timeout=30)
+                self.reply(answer.status_code, answer.content)
+
+            def reply(self, status: int, content: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _sts_error(code: str, message: str) -> bytes:
+    from xml.sax.saxutils import escape
+
+    return (
+        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error>'
+        f"<Type>Sender</Type><Code>{code}</Code><Message>{escape(message)}</Message>"
+        "</Error><RequestId>checker</RequestId></ErrorResponse>"
+    ).encode()

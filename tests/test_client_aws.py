@@ -38,7 +38,10 @@ def signed_in(
 
 
 def cache_name(local: Local) -> str:
-    return credentials_name(local.env["AGENTKEYS_BROKER_URL"], ROLE, 3600)
+    env = local.env
+    return credentials_name(
+        env["AGENTKEYS_BROKER_URL"], ROLE, 3600, env["AGENTKEYS_STS_ENDPOINT_URL"]
+    )
 
 
 def role_session_arn_tail() -> str:

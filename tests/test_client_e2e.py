@@ -25,6 +25,7 @@ from agentkeys.crypto import derive_wallet, omni
 from tests.broker import broker_env
 from tests.live import ROOT, clean_env, free_port, gunicorn
 from tests.smtp import Server, StartServer, magic_link_token
+from tests.sts import CheckingSts
 from tests.vectors import VECTOR_MASTER
 
 EMAIL = "agent-owner@example.com"
@@ -41,6 +42,7 @@ class Local:
     sts_url: str
     env: dict[str, str]
     home: Path
+    sts: CheckingSts
 
     def run(
         self, *args: str, timeout: float = 60, **extra: str
@@ -87,27 +89,33 @@ def wait_for_mail(mailbox: Server, timeout: float = 30) -> str:
 
 
 @contextmanager
-def running(database_url: str, smtp_server: StartServer, tmp_path: Path) -> Iterator[Local]:
+def running(
+    database_url: str, smtp_server: StartServer, tmp_path: Path, **broker: str
+) -> Iterator[Local]:
+    """The broker under gunicorn -w 4 and moto's STS behind the STS conformance check."""
     mailbox = smtp_server()
     port, sts_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=sts_port, verbose=False)
     moto.start()
+    checking = CheckingSts(f"http://127.0.0.1:{sts_port}", provider_url=base)
     home = tmp_path / "agentkeys-home"
     client_env = clean_env(
         AGENTKEYS_BROKER_URL=base,
         AGENTKEYS_HOME=str(home),
         AGENTKEYS_ROLE_ARN=ROLE,
-        AGENTKEYS_STS_ENDPOINT_URL=f"http://127.0.0.1:{sts_port}",
+        AGENTKEYS_STS_ENDPOINT_URL=checking.url,
         AWS_REGION="us-east-1",
         AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
     )
-    env = broker_env(base, database_url, mailbox, AGENTKEYS_RATE_LIMITS="verify_ip=1000/60")
+    limits = {"AGENTKEYS_RATE_LIMITS": "verify_ip=1000/60"}
+    env = broker_env(base, database_url, mailbox, **(limits | broker))
     try:
         with gunicorn(env, workers=4, port=port):
-            yield Local(base, mailbox, f"http://127.0.0.1:{sts_port}", client_env, home)
+            yield Local(base, mailbox, checking.url, client_env, home, checking)
     finally:
+        checking.stop()
         moto.stop()
 
 
@@ -168,6 +176,7 @@ def test_init_then_credentials_into_boto3(
     ]
 
     identity = caller_identity(local, monkeypatch)
+    assert local.sts.checked == 1  # the minted token passed the checks STS itself makes
     assert identity["Arn"].endswith(f"/agentkeys-{wallet.lower()[2:]}")
     assert EMAIL not in identity["Arn"]  # the session name comes from the wallet, never the email
 
@@ -255,3 +264,17 @@ def test_whoami_link_and_unlink(local: Local) -> None:
     assert unlinked.returncode == 0, unlinked.stderr
     assert "every session was revoked" in unlinked.stderr
     assert local.run("whoami").returncode == 3  # unlinking revoked this session too
+
+
+def test_a_token_sts_would_refuse_is_exit_6(
+    sqlite_url: str, smtp_server: StartServer, tmp_path: Path
+) -> None:
+    with running(
+        sqlite_url, smtp_server, tmp_path, AGENTKEYS_OIDC_AUDIENCE="not-sts.example"
+    ) as local:
+        assert local.init().returncode == 0
+        refused = local.run("credentials")
+    assert refused.returncode == 6, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("agentkeys: STS: ") and line.endswith("(InvalidIdentityToken)")
+    assert local.sts.checked == 0

@@ -61,9 +61,13 @@ class Home:
             os.close(fd)  # closing releases the lock
 
 
-def credentials_name(broker_url: str, role_arn: str, duration: int) -> str:
-    """The cache file of one role's credentials from one broker (role ARNs are not file names)."""
-    key = hashlib.sha256(f"{broker_url}\n{role_arn}\n{duration}".encode()).hexdigest()[:24]
+def credentials_name(
+    broker_url: str, role_arn: str, duration: int, sts_endpoint_url: str | None = None
+) -> str:
+    """The cache file of one role's credentials from one broker and STS (role ARNs are not file
+    names; another STS, such as a restarted stand-in, does not know the old credentials)."""
+    scope = f"{broker_url}\n{role_arn}\n{duration}\n{sts_endpoint_url or ''}"
+    key = hashlib.sha256(scope.encode()).hexdigest()[:24]
     return f"credentials/{key}.json"
 
 

@@ -130,7 +130,7 @@ def obtain(ctx: click.Context, role_arn: str | None, duration: int) -> Credentia
     config = config_of(ctx, role_arn=role_arn)
     if not config.role_arn:
         raise click.UsageError("no role: give --role-arn or set AGENTKEYS_ROLE_ARN")
-    found = cached(config.home, config.broker_url, config.role_arn, duration)
+    found = cached(config.home, config.credentials_name(config.role_arn, duration))
     if found is not None:
         return found
     from agentkeys.client import flow

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agentkeys.client.cache import SESSION, Home
+from agentkeys.client.cache import SESSION, Home, credentials_name
 from agentkeys.client.errors import NotSignedIn
 
 DEFAULT_BROKER = "http://127.0.0.1:8000"
@@ -48,6 +48,10 @@ class ClientConfig:
             region=pick("region", "AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
             sts_endpoint_url=pick("sts_endpoint_url", "AGENTKEYS_STS_ENDPOINT_URL"),
         )
+
+    def credentials_name(self, role_arn: str, duration: int) -> str:
+        """The cache file of this role's credentials, from this broker and this STS."""
+        return credentials_name(self.broker_url, role_arn, duration, self.sts_endpoint_url)
 
     def session(self, step: str = "session") -> dict[str, Any]:
         """The stored identity session for this broker, or NotSignedIn (never a prompt)."""

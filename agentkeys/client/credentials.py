@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agentkeys.client.cache import Home, credentials_name
+from agentkeys.client.cache import Home
 
 REFRESH_MARGIN = 15 * 60  # the SDKs re-run the helper on every call with less left than this
 FORMATS = ("credential-process", "json", "env")
@@ -67,9 +67,10 @@ class Credentials:
         return json.dumps(body)
 
 
-def cached(home: Home, broker_url: str, role_arn: str, duration: int) -> Credentials | None:
-    """The cached credentials of this role while they have more than 15 minutes left."""
-    stored = home.read(credentials_name(broker_url, role_arn, duration))
+def cached(home: Home, name: str) -> Credentials | None:
+    """The cached credentials in `name` (see credentials_name) while more than 15 minutes
+    remain."""
+    stored = home.read(name)
     try:
         found = Credentials.from_json(stored) if stored else None
     except (KeyError, TypeError, ValueError):

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from agentkeys.client.cache import SESSION, credentials_name
+from agentkeys.client.cache import SESSION
 from agentkeys.client.config import ClientConfig
 from agentkeys.client.credentials import Credentials, cached
 from agentkeys.client.errors import (
@@ -247,14 +247,15 @@ def fresh_credentials(
     processes ask at the same moment (the others wait and take the cached ones). A daemon
     renewing early passes `newer_than`, the expiry of what it holds."""
 
+    name = config.credentials_name(role_arn, duration)
+
     def usable() -> Credentials | None:
-        found = cached(config.home, config.broker_url, role_arn, duration)
+        found = cached(config.home, name)
         return found if found is not None and found.expiration > newer_than else None
 
     found = usable()
     if found is not None:
         return found
-    name = credentials_name(config.broker_url, role_arn, duration)
     with config.home.lock(name):
         found = usable()
         if found is not None:
