@@ -63,16 +63,13 @@ def failures() -> Iterator[None]:
 @click.pass_context
 def init(ctx: click.Context, email: str | None, provider: str | None, no_browser: bool) -> None:
     """Sign in, then derive, link and prove this account's wallet once (steps 1-6)."""
-    if (email is None) == (provider is None):
-        raise click.UsageError("give exactly one of --email ADDR or --provider NAME")
+    one_way_to_sign_in(email, provider)
     from agentkeys.client import flow
 
     config = config_of(ctx)
     with failures():
         client = flow.Client(config)
-        started = client.start_email(email) if email else client.start_oauth2(str(provider))
-        status = client.wait(started, announce(started, email, no_browser))
-        click.echo("", err=True)
+        status = sign_in(client, email, provider, no_browser)
         session, account = str(status["session_jwt"]), str(status["account"])
         wallet = client.derive_address(session, account)
         client.link_wallet(session, wallet)
@@ -81,6 +78,19 @@ def init(ctx: click.Context, email: str | None, provider: str | None, no_browser
     click.echo(f"account  {account}")
     click.echo(f"wallet   {wallet}")
     click.echo(f"session  {path} (until {status['expires_at']})")
+
+
+def one_way_to_sign_in(email: str | None, provider: str | None) -> None:
+    if (email is None) == (provider is None):
+        raise click.UsageError("give exactly one of --email ADDR or --provider NAME")
+
+
+def sign_in(client: Any, email: str | None, provider: str | None, no_browser: bool) -> Any:
+    """Step 1 with a person: start, say where to approve, wait; the verified status."""
+    started = client.start_email(email) if email else client.start_oauth2(str(provider))
+    status = client.wait(started, announce(started, email, no_browser))
+    click.echo("", err=True)
+    return status
 
 
 def announce(started: Any, email: str | None, no_browser: bool) -> Callable[[float], None]:
@@ -219,17 +229,14 @@ def identities() -> None:
 @click.pass_context
 def link(ctx: click.Context, email: str | None, provider: str | None, no_browser: bool) -> None:
     """Prove another identity (a sign-in with it) and link it: either then recovers the account."""
-    if (email is None) == (provider is None):
-        raise click.UsageError("give exactly one of --email ADDR or --provider NAME")
+    one_way_to_sign_in(email, provider)
     from agentkeys.client import flow
 
     config = config_of(ctx)
     with failures():
         session = config.session("link")
         client = flow.Client(config)
-        started = client.start_email(email) if email else client.start_oauth2(str(provider))
-        proof = client.wait(started, announce(started, email, no_browser))
-        click.echo("", err=True)
+        proof = sign_in(client, email, provider, no_browser)
         linked = client.link_identity(session["session_jwt"], str(proof["session_jwt"]))
     click.echo(
         f"linked {linked['identity_type']} {linked['identity_value']} to {linked['account']}"
