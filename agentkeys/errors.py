@@ -143,3 +143,10 @@ class WrongSigner(Unauthorized):
 
 class WalletSessionRequired(Forbidden):
     code = "wallet_session_required"
+
+
+class AttestationError(AgentKeysError):
+    """A TEE attestation document that is malformed, unsigned by the pinned root, stale or not
+    the expected enclave; `detail` is a one-line reason."""
+
+    code = "attestation_invalid"

@@ -24,7 +24,13 @@ PACKAGE = ROOT / "agentkeys"
 SERVER_LIBRARIES = {"flask", "werkzeug", "sqlalchemy", "alembic", "psycopg", "marshmallow"}
 SERVER_LIBRARIES |= {"gunicorn", "gevent", "redis"}
 DATABASE_LIBRARIES = {"sqlalchemy", "alembic", "psycopg"}
-CORE = ("agentkeys.crypto", "agentkeys.siwe", "agentkeys.identity", "agentkeys.settings")
+CORE = (
+    "agentkeys.crypto",
+    "agentkeys.siwe",
+    "agentkeys.identity",
+    "agentkeys.settings",
+    "agentkeys.attestation",
+)
 SHARED = {*CORE, "agentkeys.errors"}  # what the client may import from outside its package
 HEAVY = {"boto3", "botocore", "requests", "urllib3"}
 ROLE = "arn:aws:iam::123456789012:role/agentkeys-agent"
