@@ -1,0 +1,1 @@
+"""The TEE worker: a platform interface (seal, unseal, attest) and no database."""
