@@ -3,6 +3,8 @@ that chains to a pinned root, fresh, for the expected nonce and enclave image. P
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import io
 from collections.abc import Collection, Mapping
@@ -13,14 +15,21 @@ from typing import Any
 import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import SignatureAlgorithmOID
 
 from agentkeys.errors import AttestationError
 
-__all__ = ["Attestation", "AttestationError", "verify_attestation"]
+__all__ = [
+    "RESPONSE_SIGNATURE_HEADER",
+    "Attestation",
+    "AttestationError",
+    "response_signing_input",
+    "verify_attestation",
+    "verify_response_signature",
+]
 
 COSE_SIGN1_TAG = 18
 ES384 = -35
@@ -31,6 +40,7 @@ MAX_PCRS = 32
 MAX_DOCUMENT_BYTES = 64 * 1024  # real documents are about 5 KiB; bounds the CBOR decoder's work
 MAX_FIELD_BYTES = 1024  # public_key, user_data and nonce limits of the Nitro spec
 FUTURE_SKEW_SECONDS = 60
+RESPONSE_SIGNATURE_HEADER = "AgentKeys-Response-Signature"
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,44 @@ def verify_attestation(
     if allowed_pcr0 is not None and attestation.pcr0 not in {p.lower() for p in allowed_pcr0}:
         raise AttestationError(f"PCR0 {attestation.pcr0} is not in the allowed list")
     return attestation
+
+
+def response_signing_input(
+    method: str, path_with_query: str, status: int, request_body: bytes, response_body: bytes
+) -> bytes:
+    """What the worker's response key signs for every /tee response (PROTOCOL §7)."""
+    request_hash = hashlib.sha256(request_body).hexdigest()
+    response_hash = hashlib.sha256(response_body).hexdigest()
+    text = f"{method} {path_with_query}\n{status}\n{request_hash}\n{response_hash}"
+    return text.encode()
+
+
+def verify_response_signature(
+    public_key_der: bytes,
+    signature_b64: str | None,
+    *,
+    method: str,
+    path_with_query: str,
+    status: int,
+    request_body: bytes,
+    response_body: bytes,
+) -> None:
+    """Check a §7 response signature with the attested P-256 key; AttestationError if not."""
+    if not signature_b64:
+        raise AttestationError(f"the response carries no {RESPONSE_SIGNATURE_HEADER}")
+    try:
+        key = serialization.load_der_public_key(public_key_der)
+        signature = base64.b64decode(signature_b64, validate=True)
+    except ValueError as exc:
+        raise AttestationError("the response key or signature is malformed") from exc
+    # Pinned to P-256 ECDSA with SHA-256: no other key type can stand in for the attested one.
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise AttestationError("the attested response key is not a P-256 key")
+    signed = response_signing_input(method, path_with_query, status, request_body, response_body)
+    try:
+        key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise AttestationError("the response signature does not verify") from exc
 
 
 def _decode(data: bytes, what: str) -> Any:

@@ -150,3 +150,31 @@ class AttestationError(AgentKeysError):
     the expected enclave; `detail` is a one-line reason."""
 
     code = "attestation_invalid"
+
+
+class Unavailable(AgentKeysError):
+    """Something the service needs is not there now; the client may try again later."""
+
+    code = "unavailable"
+
+    def __init__(self, detail: str, retry_after: int = 30) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class SessionKeysUnavailable(Unavailable):
+    """A separate signer cannot fetch the session JWKS, so it checks no session."""
+
+    code = "session_keys_unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    """The TEE worker cannot append to its audit log, so it signs nothing."""
+
+    code = "audit_unavailable"
+
+
+class AttestationUnavailable(Unavailable):
+    """The TEE platform cannot produce an attestation document now."""
+
+    code = "attestation_unavailable"

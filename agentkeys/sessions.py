@@ -1,4 +1,5 @@
-"""Session JWTs (§6.3): ES256 with `kid`, minted and verified with the app's session keys."""
+"""Session JWTs (§6.3): ES256 with `kid`, minted and verified with the app's session keys, and
+verified by a separate signer (the TEE worker) with the published ones. No database here."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
 from agentkeys.errors import Unauthorized
 from agentkeys.identity import Identity
-from agentkeys.keys import KeyRing
+
+if TYPE_CHECKING:
+    from agentkeys.keys import KeyRing
 
 AUDIENCE = "agentkeys:broker"
 IDENTITY = "identity"
@@ -113,13 +116,7 @@ class SessionTokens:
     def verify(self, token: str, *, kinds: tuple[str, ...] = (IDENTITY,)) -> Session:
         """A valid, unrevoked session of one of `kinds`, or Unauthorized."""
         session = self._signed(token)
-        now = self.clock()
-        if session.issued_at > now + LEEWAY_SECONDS:
-            raise Unauthorized("The bearer token is not a valid session.")
-        if session.expires_at <= now - LEEWAY_SECONDS:
-            raise Unauthorized("The session has expired; sign in again.")
-        if session.kind not in kinds:
-            raise Unauthorized(f"This needs a session of kind {' or '.join(kinds)}.")
+        check_current(session, now=self.clock(), kinds=kinds)
         # The signature check is cached per token: a key retired or withdrawn since must still
         # end its tokens, within the key ring's reload interval.
         if not self.keys.publishes(session.kid):
@@ -130,48 +127,62 @@ class SessionTokens:
         return session
 
     def _check_signature(self, token: str) -> Session:
-        """Signature and claims of a session token; time, kind and revocation are checked by
-        `verify` on every use (this part is cached per token: it cannot change)."""
-        kid = _unverified_kid(token)
-        key = self.keys.public_key(kid) if kid is not None else None
-        if key is None:
-            raise Unauthorized("The bearer token was signed with an unknown key.")
-        try:
-            # Pinned to ES256 (no alg confusion), with our issuer and audience and every claim.
-            # iat and exp are checked in verify against self.clock (PyJWT only knows the wall
-            # clock); sessions carry no nbf.
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=["ES256"],
-                audience=AUDIENCE,
-                issuer=self.issuer,
-                options={
-                    "require": _REQUIRED,
-                    "verify_iat": False,
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                },
-            )
-        except jwt.PyJWTError:
-            raise Unauthorized("The bearer token is not a valid session.") from None
-        iat, exp, generation = claims["iat"], claims["exp"], claims["gen"]
-        if type(iat) is not int or type(exp) is not int or type(generation) is not int:
-            raise Unauthorized("The bearer token is not a valid session.")
-        if claims["sub"] != f"agentkeys:account:{claims['account']}":
-            raise Unauthorized("The bearer token is not a valid session.")
-        return Session(
-            account=str(claims["account"]),
-            omni_account=str(claims["omni_account"]),
-            identity_type=str(claims.get("identity_type", "")),
-            kind=str(claims["kind"]),
-            issued_at=iat,
-            expires_at=exp,
-            jti=str(claims["jti"]),
-            generation=generation,
-            kid=str(kid),
-            wallet_address=claims.get("wallet_address"),
+        return decode_session(token, self.keys.public_key, issuer=self.issuer)
+
+
+def check_current(session: Session, *, now: float, kinds: tuple[str, ...]) -> None:
+    """Time and kind, checked on every use (the signature check may be cached)."""
+    if session.issued_at > now + LEEWAY_SECONDS:
+        raise Unauthorized("The bearer token is not a valid session.")
+    if session.expires_at <= now - LEEWAY_SECONDS:
+        raise Unauthorized("The session has expired; sign in again.")
+    if session.kind not in kinds:
+        raise Unauthorized(f"This needs a session of kind {' or '.join(kinds)}.")
+
+
+def decode_session(token: str, public_key: Callable[[str], Any | None], *, issuer: str) -> Session:
+    """Signature and claims of a session token, with the key `public_key(kid)` gives; time, kind
+    and revocation are checked on every use (this part cannot change, so callers may cache it)."""
+    kid = _unverified_kid(token)
+    key = public_key(kid) if kid is not None else None
+    if key is None:
+        raise Unauthorized("The bearer token was signed with an unknown key.")
+    try:
+        # Pinned to ES256 (no alg confusion), with our issuer and audience and every claim.
+        # iat and exp are checked in check_current against the caller's clock (PyJWT only knows
+        # the wall clock); sessions carry no nbf.
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["ES256"],
+            audience=AUDIENCE,
+            issuer=issuer,
+            options={
+                "require": _REQUIRED,
+                "verify_iat": False,
+                "verify_exp": False,
+                "verify_nbf": False,
+            },
         )
+    except jwt.PyJWTError:
+        raise Unauthorized("The bearer token is not a valid session.") from None
+    iat, exp, generation = claims["iat"], claims["exp"], claims["gen"]
+    if type(iat) is not int or type(exp) is not int or type(generation) is not int:
+        raise Unauthorized("The bearer token is not a valid session.")
+    if claims["sub"] != f"agentkeys:account:{claims['account']}":
+        raise Unauthorized("The bearer token is not a valid session.")
+    return Session(
+        account=str(claims["account"]),
+        omni_account=str(claims["omni_account"]),
+        identity_type=str(claims.get("identity_type", "")),
+        kind=str(claims["kind"]),
+        issued_at=iat,
+        expires_at=exp,
+        jti=str(claims["jti"]),
+        generation=generation,
+        kid=str(kid),
+        wallet_address=claims.get("wallet_address"),
+    )
 
 
 def _unverified_kid(token: str) -> str | None:

@@ -149,7 +149,7 @@ class Settings:
         cls, environ: Mapping[str, str] | None = None, instance_path: str | Path = "instance"
     ) -> Settings:
         """Build and validate settings; raise ConfigError naming the variable (never its value)."""
-        env = _Env(os.environ if environ is None else environ)
+        env = EnvReader(os.environ if environ is None else environ)
         mode = env.choice("AGENTKEYS_ENV", (DEVELOPMENT, PRODUCTION), PRODUCTION)
         prod = mode == PRODUCTION
         default_db = f"sqlite:///{Path(instance_path).resolve() / 'agentkeys.sqlite3'}"
@@ -182,7 +182,7 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field rules; production refuses dev-only parts."""
-        _check_issuer(self.issuer, self.is_production)
+        check_issuer(self.issuer, self.is_production)
         if self.is_production and self.dev_master_secret is not None:
             # The dev signer keeps the master secret in plain process memory: never in production.
             raise ConfigError(
@@ -212,7 +212,7 @@ def parse_bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name} must be one of true/false/1/0/yes/no/on/off")
 
 
-class _Env:
+class EnvReader:
     """Typed readers over an environment mapping; errors name the variable, never its value."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
@@ -301,7 +301,7 @@ def _check_identity_types(providers: tuple[OAuth2Provider, ...]) -> None:
                 )
 
 
-def _check_issuer(issuer: str, production: bool) -> None:
+def check_issuer(issuer: str, production: bool) -> None:
     parts = urlsplit(issuer)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("AGENTKEYS_ISSUER must be an absolute http(s) URL")

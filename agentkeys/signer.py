@@ -1,18 +1,21 @@
-"""The signer surface shared by dev_key_service and the TEE worker (PROTOCOL §5): request
-parsing and the signing policy. Pure: no Flask."""
+"""The signer shared by dev_key_service and the TEE worker (PROTOCOL §2, §5): request parsing,
+the signing policy, and derivation and signing from a master secret. Pure: no Flask."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+from agentkeys.crypto import Wallet, derive_wallet
 from agentkeys.errors import InvalidMessageHex, InvalidOmniAccount, MessageNotAllowed, SiweError
-from agentkeys.settings import Settings
+from agentkeys.settings import Secret, Settings
 from agentkeys.siwe import SiweMessage
 
 ACCOUNT_RESOURCE_PREFIX = "urn:agentkeys:account:"
 MAX_SIGNABLE_VALIDITY = timedelta(hours=1)
+WALLET_CACHE_SIZE = 4096
 
 _ANCHOR = re.compile(r"[0-9a-fA-F]{64}\Z")
 
@@ -50,11 +53,15 @@ class SigningPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SigningPolicy:
-        return cls(
-            allowed_domains=settings.allowed_signing_domains,
-            issuer_scheme=settings.issuer.split("://", 1)[0],
-            chain_ids=settings.siwe_chain_ids,
+        return cls.for_issuer(
+            settings.issuer, settings.allowed_signing_domains, settings.siwe_chain_ids
         )
+
+    @classmethod
+    def for_issuer(
+        cls, issuer: str, allowed_domains: tuple[str, ...], chain_ids: tuple[int, ...]
+    ) -> SigningPolicy:
+        return cls(allowed_domains, issuer.split("://", 1)[0], chain_ids)
 
     def check(self, message: bytes, *, address: str, account: str, now: datetime) -> SiweMessage:
         """Return the parsed message if it may be signed by `address` for `account`, else raise."""
@@ -100,3 +107,47 @@ class SigningPolicy:
         if not bound:
             raise MessageNotAllowed(f"message is not bound to this account (resource {own})")
         return siwe
+
+
+@dataclass(frozen=True)
+class DerivedAddress:
+    address: str
+    key_version: int
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    signature: str
+    address: str
+    key_version: int
+
+
+class Signer:
+    """Per-account wallets derived from a master secret (§2), signing what the policy allows."""
+
+    def __init__(self, master: Secret, policy: SigningPolicy) -> None:
+        self._master, self.policy = master, policy
+        # Derived keys live no longer than the master they come from (this process), so keeping
+        # recent ones adds no exposure and spares the HKDF and a scalar multiplication per call.
+        self._wallet = functools.lru_cache(maxsize=WALLET_CACHE_SIZE)(self._derive)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(master=Secret('**********'))"
+
+    def _derive(self, anchor: str) -> Wallet:
+        return derive_wallet(self._master.reveal(), anchor)
+
+    def derive_address(self, anchor: str, *, request_id: str = "") -> DerivedAddress:
+        """The EIP-55 address of an account anchor's wallet."""
+        wallet = self._wallet(anchor)
+        return DerivedAddress(wallet.address, wallet.key_version)
+
+    def sign_message(
+        self, anchor: str, message: bytes, *, request_id: str = "", now: datetime | None = None
+    ) -> SignedMessage:
+        """EIP-191 signature of a message the policy allows, by the anchor's wallet."""
+        wallet = self._wallet(anchor)
+        self.policy.check(
+            message, address=wallet.address, account=anchor, now=now or datetime.now(UTC)
+        )
+        return SignedMessage(wallet.sign_personal(message), wallet.address, wallet.key_version)

@@ -478,8 +478,6 @@ def test_dev_only_marks() -> None:
     public = [
         dev_key_service.DevKeyService,
         dev_key_service.DevKeyService.__init__,
-        dev_key_service.DevKeyService.derive_address,
-        dev_key_service.DevKeyService.sign_message,
         dev_bp.create_blueprint,
     ]
     for function in public:

@@ -98,10 +98,10 @@ GRAPH = {
 }
 
 
-def server_modules(libraries: set[str]) -> set[str]:
+def server_modules(libraries: set[str], *, blueprints: bool = True) -> set[str]:
     """Every agentkeys module that imports one of `libraries`, or a module that does, at any
-    depth; and the blueprints, whatever they import."""
-    found = {name for name in GRAPH if within(name, ("agentkeys.blueprints",))}
+    depth; and (unless told not to) the blueprints, whatever they import."""
+    found = {name for name in GRAPH if blueprints and within(name, ("agentkeys.blueprints",))}
     found |= {name for name, names in GRAPH.items() if any(within(n, libraries) for n in names)}
     while more := {name for name, names in GRAPH.items() if names & found} - found:
         found |= more
@@ -145,7 +145,7 @@ def leaked_on_import(names: list[str], forbidden: set[str]) -> list[str]:
 def test_server_modules_are_found_from_the_source() -> None:
     """The derived list holds the server's internals and none of the core or the client."""
     expected = {"agentkeys.db", "agentkeys.store", "agentkeys.factory", "agentkeys.services"}
-    expected |= {"agentkeys.blueprints.http", "agentkeys.keys", "agentkeys.sessions"}
+    expected |= {"agentkeys.blueprints.http", "agentkeys.keys", "agentkeys.wallet"}
     assert expected <= SERVER
     assert not SERVER & {*SHARED, "agentkeys"}
     assert not {n for n in SERVER if within(n, ("agentkeys.client",))}
@@ -209,12 +209,13 @@ def test_the_core_imports_none_of_the_parts() -> None:
 
 
 def test_the_tee_worker_has_no_database() -> None:
-    """Its own app factory (Flask is fine) but no database, no broker internals, no client."""
-    found = modules(PACKAGE / "tee") if (PACKAGE / "tee").is_dir() else {}
-    if not found:
-        pytest.skip("no agentkeys/tee yet")
-    database = server_modules(DATABASE_LIBRARIES)
-    forbidden = ("agentkeys.client", "agentkeys.blueprints", "agentkeys.factory")
+    """Its own app factory (Flask is fine, and the signer surface it shares with /dev) but no
+    database, no broker internals, no client."""
+    found = modules(PACKAGE / "tee")
+    assert {"agentkeys.tee.app", "agentkeys.tee.state", "agentkeys.tee.sessions"} <= set(found)
+    database = server_modules(DATABASE_LIBRARIES, blueprints=False)
+    assert {"agentkeys.blueprints.http", "agentkeys.services", "agentkeys.keys"} <= database
+    forbidden = ("agentkeys.client", "agentkeys.factory", "agentkeys.dev_key_service")
     for name, path in found.items():
         bad = {
             n
@@ -222,6 +223,8 @@ def test_the_tee_worker_has_no_database() -> None:
             if within(n, DATABASE_LIBRARIES) or n in database or within(n, forbidden)
         }
         assert not bad, f"{name} imports {sorted(bad)}"
+    entry_points = ["agentkeys.tee.app", "agentkeys.tee.__main__"]
+    assert leaked_on_import(entry_points, DATABASE_LIBRARIES | database) == []
 
 
 def importtime(command: list[str], env: dict[str, str]) -> tuple[str, set[str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from agentkeys.attestation import Attestation, verify_attestation
 from agentkeys.errors import AttestationError
 from agentkeys.tee.platform import (
+    MEASURED_FILES,
     NSM_DEVICE,
     SIMULATED_WARNING,
     NitroPlatform,
@@ -29,7 +32,8 @@ from agentkeys.tee.platform import (
     platform_from_name,
 )
 
-PACKAGE = Path(__file__).resolve().parent.parent / "agentkeys"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "agentkeys"
 NONCE = b"n" * 32
 PUBLIC_KEY = b"worker public key"
 
@@ -201,11 +205,28 @@ def test_the_simulated_platform_is_labelled(
 
 def copy_of_worker_code(target: Path) -> Path:
     (target / "tee").mkdir(parents=True)
+    (target / "blueprints").mkdir()
     for path in (PACKAGE / "tee").glob("*.py"):
         shutil.copy(path, target / "tee" / path.name)
-    for name in ("signer.py", "crypto.py", "attestation.py"):
+    for name in MEASURED_FILES:
         shutil.copy(PACKAGE / name, target / name)
     return target
+
+
+def test_the_measurement_covers_every_module_the_worker_loads() -> None:
+    code = (
+        "import sys, agentkeys.tee.app, agentkeys.tee.__main__\n"
+        "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items()\n"
+        "    if n.startswith('agentkeys') and getattr(m, '__file__', None))))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = {str(Path(p).relative_to(PACKAGE)) for p in result.stdout.split()}
+    measured = set(MEASURED_FILES) | {f"tee/{p.name}" for p in (PACKAGE / "tee").glob("*.py")}
+    assert "tee/app.py" in loaded and "signer.py" in loaded
+    assert loaded <= measured, sorted(loaded - measured)
 
 
 def test_code_measurement_covers_the_worker_code(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ STATUS_OF: dict[type[errors.AgentKeysError], int] = {
     errors.MailError: 503,
     errors.OAuth2Error: 502,
     errors.SignerDisabled: 503,
+    errors.Unavailable: 503,
 }
 
 CODE_OF_HTTP_STATUS = {
@@ -65,7 +66,7 @@ def register_error_handlers(app: Flask) -> None:
     def _domain(exc: errors.AgentKeysError) -> Response:
         status = next((s for cls, s in STATUS_OF.items() if isinstance(exc, cls)), 400)
         headers = {}
-        if isinstance(exc, errors.RateLimited):
+        if isinstance(exc, errors.RateLimited | errors.Unavailable):
             headers["Retry-After"] = str(exc.retry_after)
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="agentkeys"'

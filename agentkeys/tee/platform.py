@@ -3,14 +3,12 @@ simulated one that issues documents in the Nitro format so the daemon runs one v
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import logging
 import os
 import re
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
+
+from agentkeys.tee.files import create_once, write_replace
 
 __all__ = [
     "SIMULATED_WARNING",
@@ -45,7 +45,22 @@ SEALING_KEY_FILE = "sealing.key"
 CHAIN_FILE = "attestation-chain.pem"
 SEALING_KEY_BYTES = 32  # AES-256-GCM
 SEAL_NONCE_BYTES = 12  # the GCM standard nonce; random per seal
-MEASURED_FILES = ("attestation.py", "crypto.py", "signer.py")
+# Every agentkeys module the worker runs besides tee/ (a test holds this list to what it loads).
+MEASURED_FILES = (
+    "__init__.py",
+    "attestation.py",
+    "blueprints/__init__.py",
+    "blueprints/parsing.py",
+    "blueprints/problems.py",
+    "blueprints/signer.py",
+    "crypto.py",
+    "errors.py",
+    "identity.py",
+    "sessions.py",
+    "settings.py",
+    "signer.py",
+    "siwe.py",
+)
 PCR_COUNT = 16
 CHAIN_VALIDITY = dt.timedelta(days=3650)
 CLOCK_SKEW = dt.timedelta(days=1)
@@ -107,7 +122,7 @@ class SimulatedPlatform:
         os.chmod(self.state_dir, 0o700)  # the sealing and leaf keys live here
         self._aead = AESGCM(self._sealing_key())
         self._leaf_key, self._chain = self._attestation_chain()
-        _write_replace(self.state_dir / ROOT_FILE, _pem(self._chain[0]), mode=0o644)
+        write_replace(self.state_dir / ROOT_FILE, _pem(self._chain[0]), mode=0o644)
 
     @property
     def root_der(self) -> bytes:
@@ -155,7 +170,7 @@ class SimulatedPlatform:
 
     def _sealing_key(self) -> bytes:
         path = self.state_dir / SEALING_KEY_FILE
-        key = _create_once(path, secrets.token_bytes(SEALING_KEY_BYTES))
+        key = create_once(path, secrets.token_bytes(SEALING_KEY_BYTES))
         if len(key) != SEALING_KEY_BYTES:
             raise PlatformError(f"{path} is not a {SEALING_KEY_BYTES}-byte key")
         return key
@@ -163,7 +178,7 @@ class SimulatedPlatform:
     def _attestation_chain(self) -> tuple[ec.EllipticCurvePrivateKey, list[x509.Certificate]]:
         """The leaf key and [root, intermediate, leaf], made once and kept in one 0600 file."""
         path = self.state_dir / CHAIN_FILE
-        blocks = [m.group(0) for m in _PEM_BLOCK.finditer(_create_once(path, _new_chain()))]
+        blocks = [m.group(0) for m in _PEM_BLOCK.finditer(create_once(path, _new_chain()))]
         if len(blocks) != 4:
             raise PlatformError(f"{path} does not hold a leaf key and three certificates")
         key = serialization.load_pem_private_key(blocks[0], password=None)
@@ -272,37 +287,3 @@ def _der(cert: x509.Certificate) -> bytes:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _create_once(path: Path, data: bytes) -> bytes:
-    """Write `data` to `path` (0600) unless it exists, then return what `path` holds.
-
-    Written whole to a temporary file, then hard-linked: link fails if `path` exists (like
-    O_EXCL), so concurrent starts agree on one file and no reader sees half of one."""
-    if not path.exists():
-        temp = _write_temp(path, data, mode=0o600)
-        try:
-            with contextlib.suppress(FileExistsError):
-                os.link(temp, path)
-        finally:
-            os.unlink(temp)
-    return path.read_bytes()
-
-
-def _write_replace(path: Path, data: bytes, *, mode: int) -> None:
-    os.replace(_write_temp(path, data, mode=mode), path)
-
-
-def _write_temp(path: Path, data: bytes, *, mode: int) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # O_EXCL, 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        raise
-    return Path(name)
