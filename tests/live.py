@@ -149,15 +149,19 @@ class DevRun:
 
 @contextmanager
 def bin_dev(
-    repo: Path, port: int | None = None, umask: int = 0o022, **extra: str
+    repo: Path,
+    port: int | None = None,
+    umask: int = 0o022,
+    args: tuple[str, ...] = (),
+    **extra: str,
 ) -> Iterator[DevRun]:
-    """Run `PORT=<port> bin/dev` in `repo` (with a permissive umask, as a login shell has) until
-    /healthz answers; stop it on exit."""
+    """Run `PORT=<port> bin/dev [args]` in `repo` (with a permissive umask, as a login shell
+    has) until /healthz answers; stop it on exit."""
     run = DevRun(base="", port=port or free_port())
     run.base = f"http://127.0.0.1:{run.port}"
     env = clean_env(PORT=str(run.port), PYTHONUNBUFFERED="1", **extra)
     with subprocess.Popen(
-        [str(repo / "bin" / "dev")],
+        [str(repo / "bin" / "dev"), *args],
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,

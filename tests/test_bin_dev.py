@@ -8,6 +8,7 @@ it, a loopback-only STS stand-in turns that sign-in into credentials and stops w
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import json
@@ -25,7 +26,10 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from agentkeys.attestation import verify_attestation
 from agentkeys.crypto import derive_wallet, omni
 from tests.live import bin_dev, checkout_copy, clean_env, free_port, run_bounded
 
@@ -343,3 +347,64 @@ def test_bin_dev_refuses_a_bad_sts_port(tmp_path: Path, value: str) -> None:
     assert result.stderr.splitlines()[-1] == (
         "dev: AGENTKEYS_DEV_STS_PORT must be a port (1-65535) other than PORT"
     )
+
+
+def test_bin_dev_tee_runs_the_simulated_worker_the_client_can_attest(tmp_path: Path) -> None:
+    """`bin/dev --tee`: the worker beside the broker, the dev master imported on first run (same
+    wallets on /dev and /tee), and printed settings with which the attestation verifies."""
+    repo = checkout_copy(tmp_path / "main")
+    port = free_port()
+    tee_port = free_port()
+    with bin_dev(repo, port=port, args=("--tee",), AGENTKEYS_DEV_TEE_PORT=str(tee_port)) as run:
+        run.stderr_line("AGENTKEYS_TEE_PCR0=", timeout=60)
+        printed = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in run.stderr
+            if line.strip().startswith("export AGENTKEYS_")
+        )
+        signer = f"http://127.0.0.1:{tee_port}/tee"
+        assert printed["AGENTKEYS_SIGNER_URL"] == signer
+        assert "DEV ONLY simulated TEE worker" in "".join(run.stderr)
+        nonce = os.urandom(32)
+        answer = requests.get(f"{signer}/attestation?nonce={nonce.hex()}", timeout=10).json()
+        root = Path(printed["AGENTKEYS_TEE_ROOT_CERT"]).read_bytes()
+        attested = verify_attestation(
+            base64.b64decode(answer["document"]),
+            root_der=x509.load_pem_x509_certificate(root).public_bytes(Encoding.DER),
+            now=time.time(),
+            nonce=nonce,
+            allowed_pcr0=[printed["AGENTKEYS_TEE_PCR0"]],
+            allow_debug=False,
+        )
+        assert answer["platform"] == "simulated" and attested.public_key is not None
+
+        started = requests.post(
+            run.base + "/v1/auth/email/request", json={"email": EMAIL}, timeout=10
+        ).json()
+        token = run.magic_link().split("#t=", 1)[1]
+        requests.post(run.base + "/v1/auth/email/verify", json={"token": token}, timeout=10)
+        status = requests.get(
+            run.base + started["poll_url"],
+            headers={"Authorization": f"Bearer {started['poll_token']}"},
+            timeout=10,
+        ).json()
+        bearer = {"Authorization": f"Bearer {status['session_jwt']}"}
+        body = {"omni_account": status["account"]}
+        addresses = {
+            where: requests.post(f"{where}/derive-address", json=body, headers=bearer, timeout=10)
+            .json()
+            .get("address")
+            for where in (run.base + "/dev", signer)
+        }
+        master = bytes.fromhex((repo / "instance" / "dev-master-secret").read_text().strip())
+        assert set(addresses.values()) == {derive_wallet(master, status["account"]).address}
+        assert (repo / "instance" / "tee" / "audit.jsonl").read_text().count('"derive"') == 1
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # the worker stops with bin/dev
+        with contextlib.suppress(requests.ConnectionError):
+            requests.get(f"{signer}/healthz", timeout=1)
+            time.sleep(0.2)
+            continue
+        break
+    else:
+        raise AssertionError("the TEE worker outlived bin/dev")

@@ -60,7 +60,7 @@ def import_master(path: Path) -> None:
         state.import_master(bytes.fromhex(text.removeprefix("0x")))
     except StateError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"sealed the master secret into {state.master_path}; you may now delete {path}")
+    click.echo(f"sealed the master secret from {path} into {state.master_path}")
 
 
 @main.group()
