@@ -81,7 +81,7 @@ def gunicorn(env: Mapping[str, str], workers: int = 2, port: int | None = None) 
 @contextmanager
 def serving(command: list[str], env: Mapping[str, str], port: int, **popen: Any) -> Iterator[str]:
     """Run a server on 127.0.0.1:port until it answers /healthz; stop it afterwards."""
-    with subprocess.Popen(command, cwd=ROOT, env=dict(env), **popen) as process:
+    with subprocess.Popen(command, env=dict(env), **({"cwd": ROOT} | popen)) as process:
         base = f"http://127.0.0.1:{port}"
         try:
             wait_until_up(base + "/healthz", process)

@@ -402,7 +402,7 @@ def test_bin_dev_tee_runs_the_simulated_worker_the_client_can_attest(tmp_path: P
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # the worker stops with bin/dev
         with contextlib.suppress(requests.ConnectionError):
-            requests.get(f"{signer}/healthz", timeout=1)
+            requests.get(f"http://127.0.0.1:{tee_port}/healthz", timeout=1)
             time.sleep(0.2)
             continue
         break

@@ -34,12 +34,33 @@ ROLE_HELP = "IAM role to assume (default AGENTKEYS_ROLE_ARN)."
     "--home",
     help="Where the session and credentials are kept (default AGENTKEYS_HOME or ~/.agentkeys).",
 )
+@click.option(
+    "--tee-root-cert",
+    help="Attest the signer: the pinned TEE root certificate, PEM or DER "
+    "(default AGENTKEYS_TEE_ROOT_CERT; unset: no attestation).",
+)
+@click.option(
+    "--tee-pcr0",
+    help="The worker images (PCR0, 96 hex, comma-separated) an attested signer may run "
+    "(default AGENTKEYS_TEE_PCR0; required with a root).",
+)
 @click.pass_context
 def main(
-    ctx: click.Context, broker_url: str | None, signer_url: str | None, home: str | None
+    ctx: click.Context,
+    broker_url: str | None,
+    signer_url: str | None,
+    home: str | None,
+    tee_root_cert: str | None,
+    tee_pcr0: str | None,
 ) -> None:
     """Short-lived AWS credentials for agents, from an email or OAuth2 sign-in: no local key."""
-    ctx.obj = {"broker_url": broker_url, "signer_url": signer_url, "home": home}
+    ctx.obj = {
+        "broker_url": broker_url,
+        "signer_url": signer_url,
+        "home": home,
+        "tee_root_cert": tee_root_cert,
+        "tee_pcr0": tee_pcr0,
+    }
 
 
 def config_of(ctx: click.Context, **flags: str | None) -> ClientConfig:
@@ -179,19 +200,30 @@ def exec_(
 @main.command(epilog=EXIT_CODES)
 @click.pass_context
 def whoami(ctx: click.Context) -> None:
-    """The account, its identities, the wallet and when the session ends."""
+    """The account, its identities, the wallet, when the session ends, and the signer (attested
+    when AGENTKEYS_TEE_ROOT_CERT is set)."""
     from agentkeys.client import flow
 
     config = config_of(ctx)
     with failures():
         session = config.session("whoami")
-        listed = flow.Client(config).identities(session["session_jwt"])
+        client = flow.Client(config)
+        listed = client.identities(session["session_jwt"])
+        attested = client.attestor.attest() if client.attestor is not None else None
     click.echo(f"account  {listed['account']}")
     click.echo(f"wallet   {session['wallet']}")
     ends = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session["expires_at"]))
     click.echo(f"session  {session['identity_type']}, until {ends}")
     for item in listed["identities"]:
         click.echo(f"  {item['identity_type']:16} {item['identity_value']}  {item['status']}")
+    if attested is None:
+        click.echo(
+            f"signer   {config.signer_url}  (not attested: AGENTKEYS_TEE_ROOT_CERT is unset)"
+        )
+    else:
+        click.echo(
+            f"signer   {config.signer_url}  attested {attested.platform}, PCR0 {attested.pcr0}"
+        )
 
 
 @main.command(epilog=EXIT_CODES)

@@ -5,7 +5,8 @@ from __future__ import annotations
 EXIT_CODES = """\
 Exit codes: 0 ok; 1 unexpected error; 2 usage; 3 not signed in (run `agentkeys init`);
 4 refused by the broker or signer; 5 broker, signer or STS unreachable; 6 refused by STS;
-7 an answer failed the client's own checks (wrong address, domain or account)."""
+7 an answer failed the client's own checks (wrong address, domain or account);
+8 the signer failed attestation (AGENTKEYS_TEE_ROOT_CERT, AGENTKEYS_TEE_PCR0)."""
 
 
 class ClientError(Exception):
@@ -46,3 +47,10 @@ class Untrusted(ClientError):
     """The broker or signer answered something the client must not act on."""
 
     exit_code = 7
+
+
+class AttestationFailed(ClientError):
+    """The TEE signer did not prove its image and response key, or a response of it is not signed
+    by that key, or the attestation settings are unusable: nothing it said is acted on."""
+
+    exit_code = 8

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from agentkeys.client.cache import SESSION
@@ -26,6 +26,9 @@ from agentkeys.client.http import Api
 from agentkeys.crypto import normalize_address, to_checksum_address
 from agentkeys.errors import AgentKeysError, SiweError
 from agentkeys.siwe import SiweMessage
+
+if TYPE_CHECKING:
+    from agentkeys.client.attest import Attestor
 
 SIGN_IN, DERIVE, LINK = "step 1 (sign-in)", "step 2 (derive)", "step 3 (link)"
 CHALLENGE, SIGN, VERIFY, MINT = (
@@ -55,9 +58,26 @@ class Client:
     """The broker and the signer, as the daemon sees them."""
 
     def __init__(self, config: ClientConfig, *, sleep: Callable[[float], None] = time.sleep):
+        """With AGENTKEYS_TEE_ROOT_CERT set the signer is attested before anything is sent to it,
+        and each of its answers must carry the attested key's signature (PROTOCOL §7)."""
         self.config = config
         self.broker = Api(config.broker_url, sleep=sleep)
-        self.signer = Api(config.signer_url, session=self.broker.http, sleep=sleep)
+        policy = config.tee_policy()
+        self.attestor: Attestor | None = None
+        if policy is None:
+            self.signer = Api(config.signer_url, session=self.broker.http, sleep=sleep)
+        else:
+            from agentkeys.client.attest import Attestor
+
+            fetch = Api(config.signer_url, session=self.broker.http, sleep=sleep)
+            self.attestor = attestor = Attestor(policy, fetch)
+            self.signer = Api(
+                config.signer_url,
+                session=self.broker.http,
+                sleep=sleep,
+                before=attestor.attest,
+                check=attestor.check,
+            )
         self.sleep = sleep
 
     # -- step 1: sign in ------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A small JSON client of the broker and the signer: a timeout on every call, and retries only
-where they are safe (PROTOCOL §4). Failures raise ClientError subclasses naming the step."""
+where they are safe (PROTOCOL §4), and an optional check of every response (the TEE signer's
+signatures, §7). Failures raise ClientError subclasses naming the step."""
 
 from __future__ import annotations
 
@@ -29,10 +30,15 @@ class Api:
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         timeout: tuple[float, float] = TIMEOUT,
+        before: Callable[[], object] | None = None,
+        check: Callable[[requests.Response], None] | None = None,
     ) -> None:
+        """`before` runs before each request is sent (the attestation, once it succeeds a no-op);
+        `check` sees every response, retried ones too, before anything of it is used."""
         self.base = base.rstrip("/")
         self.http = session or requests.Session()
         self.sleep, self.timeout = sleep, timeout
+        self.before, self.check = before, check
 
     def get(self, step: str, path: str, token: str | None = None) -> dict[str, Any]:
         return self.call(step, "GET", path, token=token)
@@ -64,13 +70,35 @@ class Api:
         """The JSON answer ({} for 204). GETs and DELETEs are retried on connection errors and
         502/503/504; any call on 429/503 with Retry-After; a POST otherwise only when it never
         reached the server; with `replay=False` (a verify) never."""
+        return _answer(step, self.send(step, method, path, body, token, replay=replay))
+
+    def send(
+        self,
+        step: str,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        token: str | None = None,
+        *,
+        replay: bool = True,
+    ) -> requests.Response:
+        """The last response, after the retries `call` describes."""
+        if self.before is not None:
+            self.before()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         idempotent = method in ("GET", "DELETE")
+        # A redirect is an answer too: with a check, it is checked rather than followed unseen.
+        redirects = self.check is None
         for attempt in range(ATTEMPTS):
             last = attempt == ATTEMPTS - 1 or not replay
             try:
                 response = self.http.request(
-                    method, self.base + path, json=body, headers=headers, timeout=self.timeout
+                    method,
+                    self.base + path,
+                    json=body,
+                    headers=headers,
+                    timeout=self.timeout,
+                    allow_redirects=redirects,
                 )
             except requests.RequestException as exc:
                 # A POST is sent again only if it provably never left: the connection failed.
@@ -80,6 +108,8 @@ class Api:
                     ) from None
                 self.sleep(BACKOFF * 2**attempt)
                 continue
+            if self.check is not None:
+                self.check(response)
             wait = _retry_after(response)
             if not last and wait is not None:
                 self.sleep(wait)
@@ -87,7 +117,7 @@ class Api:
             if not last and idempotent and response.status_code in RETRY_STATUSES:
                 self.sleep(BACKOFF * 2**attempt)
                 continue
-            return _answer(step, response)
+            return response
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -98,7 +128,8 @@ def _answer(step: str, response: requests.Response) -> dict[str, Any]:
         data = response.json()
     except ValueError:
         data = None
-    if response.ok and isinstance(data, dict):
+    # Only a 2xx is an answer: an unfollowed redirect is not one (requests calls 3xx ok).
+    if 200 <= response.status_code < 300 and isinstance(data, dict):
         return data
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         detail = str(data.get("detail") or data["error"])

@@ -78,6 +78,7 @@ def create_app(
 
     app.register_blueprint(signer_blueprint.create_blueprint("tee", "/tee", signer, authenticate))
     app.register_blueprint(attestation_blueprint(platform, response_key))
+    app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok", "platform": platform.name})
     app.wsgi_app = SignedResponses(  # type: ignore[method-assign]
         app.wsgi_app, response_key, settings.max_body_bytes
     )
@@ -122,10 +123,6 @@ def attestation_blueprint(
             "document": base64.b64encode(document).decode(),
             "key_version": KEY_VERSION,
         }
-
-    @bp.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "platform": platform.name}
 
     return bp
 
