@@ -3,12 +3,12 @@ by the daemon's own verifier, the code measurement, and the choice by name."""
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -285,15 +285,59 @@ def test_nitro_without_the_device_says_so(state_dir: Path, production: bool) -> 
     assert str(caught.value) == NO_NSM
 
 
-def test_nitro_methods_refuse_without_an_nsm(tmp_path: Path) -> None:
+def test_nitro_refuses_to_seal(tmp_path: Path) -> None:
     device = tmp_path / "nsm"
     device.touch()
     nitro = NitroPlatform(device)
-    calls: list[Callable[[], bytes]] = [
-        lambda: nitro.seal(b"", b""),
-        lambda: nitro.unseal(b"", b""),
-        lambda: nitro.attest(nonce=NONCE, public_key=None),
+    with pytest.raises(PlatformError, match="sealing on Nitro needs AWS KMS"):
+        nitro.seal(b"", b"")
+    with pytest.raises(PlatformError, match="sealing on Nitro needs AWS KMS"):
+        nitro.unseal(b"", b"")
+
+
+class FakeNsm:
+    """Plays the NSM driver's ioctl: reads the CBOR request from the caller's buffer and writes
+    `answer` (CBOR) into its response buffer, as linux/nsm.h describes."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.requests: list[Any] = []
+        self.commands: list[int] = []
+
+    def __call__(self, fd: int, command: int, raw: Any) -> int:
+        self.commands.append(command)
+        self.requests.append(cbor2.loads(ctypes.string_at(raw.request.addr, raw.request.len)))
+        data = cbor2.dumps(self.answer)
+        assert len(data) <= raw.response.len
+        ctypes.memmove(raw.response.addr, data, len(data))
+        raw.response.len = len(data)
+        return 0
+
+
+def test_nitro_attest_sends_the_nsm_attestation_request(tmp_path: Path) -> None:
+    device = tmp_path / "nsm"
+    device.touch()
+    fake = FakeNsm({"Attestation": {"document": b"a document"}})
+    nitro = NitroPlatform(device, ioctl=fake)
+    assert nitro.attest(nonce=NONCE, public_key=PUBLIC_KEY) == b"a document"
+    assert fake.requests == [
+        {"Attestation": {"user_data": None, "nonce": NONCE, "public_key": PUBLIC_KEY}}
     ]
-    for call in calls:
-        with pytest.raises(PlatformError, match="not implemented without an NSM device"):
-            call()
+    assert fake.commands == [0xC0200A00]  # _IOWR(0x0A, 0, 32-byte struct nsm_raw)
+    refusing = NitroPlatform(device, ioctl=FakeNsm({"Error": "InvalidArgument"}))
+    with pytest.raises(PlatformError, match="the NSM refused the attestation request"):
+        refusing.attest(nonce=NONCE, public_key=None)
+
+
+def test_nitro_attest_reports_a_failing_device(tmp_path: Path) -> None:
+    device = tmp_path / "nsm"
+    device.touch()
+
+    def broken(fd: int, command: int, raw: Any) -> int:
+        raise OSError(25, "Inappropriate ioctl for device")
+
+    with pytest.raises(PlatformError, match="the NSM request failed: Inappropriate ioctl"):
+        NitroPlatform(device, ioctl=broken).attest(nonce=NONCE, public_key=None)
+    # The real ioctl on a file that is not the NSM fails the same way, with one clear line.
+    with pytest.raises(PlatformError, match="the NSM request failed"):
+        NitroPlatform(device).attest(nonce=NONCE, public_key=None)
