@@ -13,7 +13,10 @@ from pathlib import Path
 import requests
 
 from agentkeys.crypto import derive_wallet, omni
+from tests.conftest import MakeApp, bearer_for_account
 from tests.live import ROOT, bin_dev, checkout_copy, clean_env, free_port
+from tests.tee import worker_app
+from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
 
 def production_blocks() -> list[str]:
@@ -125,3 +128,37 @@ def test_quick_start_walk_as_written(tmp_path: Path) -> None:
         f"arn:aws:sts::123456789012:assumed-role/agentkeys-dev/agentkeys-{wallet.lower()[2:]}"
     )
     assert (home / ".agentkeys" / "session.json").exists()
+
+
+def test_tee_commands_run_as_written(tmp_path: Path, make_app: MakeApp) -> None:
+    """The TEE worker block: import the dev master, serve (here in-process), verify the log."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## TEE worker\n", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
+    lines = block.splitlines()
+    served = next(i for i, line in enumerate(lines) if line.startswith("gunicorn "))
+    assert lines[served].startswith("gunicorn -w 1 --threads 8 agentkeys.tee.wsgi:app")
+    assert lines[0].startswith(". .venv/bin/activate")
+    assert lines[1].startswith("export AGENTKEYS_ENV=development")
+    # The venv and mode lines, then either what comes before the server or what comes after.
+    setup, commands = lines[:2], lines[2:served]
+    before, after = "\n".join(setup + commands), "\n".join(setup + lines[served + 1 :])
+    repo = checkout_copy(tmp_path / "main")
+    (repo / "instance").mkdir()
+    (repo / "instance" / "dev-master-secret").write_text(VECTOR_MASTER.hex() + "\n")
+    imported = shell(before, repo)
+    assert imported.returncode == 0, imported.stderr
+    assert "sealed the master secret" in imported.stdout
+
+    broker = make_app()
+    worker = worker_app(broker, repo / "instance" / "tee")
+    derived = worker.test_client().post(
+        "/tee/derive-address",
+        json={"omni_account": VECTOR_ANCHOR},
+        headers=bearer_for_account(broker, VECTOR_ANCHOR),
+    )
+    assert derived.json == {"address": VECTOR_ADDRESS, "key_version": 1}  # the imported master
+
+    verified = shell(after, repo)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.strip().endswith("intact, 1 covered by the sealed head")

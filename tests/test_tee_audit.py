@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -294,7 +296,11 @@ TAMPERING: dict[str, tuple[Edit, int, str]] = {
     "line 2 empty": (replace(2, b"\n"), 2, "not an audit record"),
     "line 2 not UTF-8": (replace(2, b'{"op":"\xff"}\n'), 2, "not UTF-8 JSON"),
     "line 2 a list": (replace(2, b"[1,2]\n"), 2, "not a JSON object"),
-    "line 2 deeply nested": (replace(2, b"[" * 100_000 + b"]" * 100_000 + b"\n"), 2, "not UTF-8"),
+    "line 2 deeply nested": (
+        replace(2, b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+        2,
+        "longer than any audit record",
+    ),
     "request_id removed": (change(2, True, request_id=None), 2, "missing request_id"),
     "a message field added": (change(2, True, message="hi"), 2, "unexpected message"),
     "request_id a number": (change(2, True, request_id=7), 2, "not a string"),
@@ -674,3 +680,35 @@ def test_a_write_that_cannot_be_undone_stops_all_appends(
     monkeypatch.undo()
     log = AuditLog.open(path, EMPTY_HEAD, Heads())  # a restart drops the torn line
     assert path.read_bytes() == b"" and log.head == EMPTY_HEAD
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_deeply_nested_line_cannot_crash_the_verifier(tmp_path: Path) -> None:
+    """Under a raised recursion limit (py_ecc, which eth-account loads, sets 100000) a nested
+    line used to reach the JSON parser and overflow the C stack; run where a crash is visible."""
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    code = (
+        "import sys; sys.setrecursionlimit(100_000)\n"
+        "from pathlib import Path\n"
+        "from agentkeys.tee.audit import verify_file\n"
+        f"print(verify_file(Path({str(log)!r})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "line 1 is longer than any audit record (1024 bytes)"
+
+
+def test_an_endless_line_is_one_failure_and_never_truncated_as_torn(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    head, _ = write_log(log, 2)
+    with log.open("ab") as f:
+        f.write(b"x" * 5_000_000)  # no newline: not a torn record, just not one
+    saved: list[AuditHead] = []
+    with pytest.raises(AuditError, match="line 3 is longer than any audit record"):
+        AuditLog.open(log, head, saved.append)
+    assert log.stat().st_size > 5_000_000 and saved == []

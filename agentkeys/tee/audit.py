@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 GENESIS = "0" * 64
+# Records are under 700 bytes; longer lines are refused before parsing, so no line can make the
+# JSON parser recurse deep enough to overflow the C stack (some libraries raise the limit).
+MAX_LINE_BYTES = 1024
 OPS = ("derive", "sign")
 VERIFY_HINT = "run `python -m agentkeys.tee audit verify FILE --state DIR` for the first bad line"
 _BASE_FIELDS = frozenset({"ts", "op", "omni_account", "address", "request_id", "prev_hash", "hash"})
@@ -238,6 +241,8 @@ class AuditLog:
             if problem is not None:
                 raise ValueError(f"not a valid audit record: {problem}")
             line = canonical(record) + b"\n"
+            if len(line) > MAX_LINE_BYTES:
+                raise ValueError(f"an audit record is at most {MAX_LINE_BYTES} bytes")
             self._write(line)
             self._size += len(line)
             new = AuditHead(self._tail.count + 1, digest)
@@ -296,7 +301,7 @@ def _walk(lines: Iterable[bytes], sealed: int) -> _Walk:
     for number, raw in enumerate(lines, start=1):
         checked = _check_line(number, raw, last)
         if isinstance(checked, AuditFailure):
-            torn = not raw.endswith(b"\n")
+            torn = not raw.endswith(b"\n") and len(raw) <= MAX_LINE_BYTES
             return _Walk(checked, torn, AuditHead(count, last), offset, at_sealed)
         count, last, offset = number, checked, offset + len(raw)
         if number == sealed:
@@ -307,13 +312,17 @@ def _walk(lines: Iterable[bytes], sealed: int) -> _Walk:
 def _walk_file(path: Path, sealed: int) -> _Walk:
     try:
         with open(path, "rb") as f:
-            return _walk(f, sealed)
+            # Bounded reads: a line too long to be a record is one failure, never all in memory.
+            return _walk(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), sealed)
     except FileNotFoundError:
         return _walk([], sealed)
 
 
 def _check_line(number: int, raw: bytes, prev_hash: str) -> AuditFailure | str:
     """Why line `number` is bad, or its hash when it is good and follows `prev_hash`."""
+    if len(raw) > MAX_LINE_BYTES:
+        reason = f"line {number} is longer than any audit record ({MAX_LINE_BYTES} bytes)"
+        return AuditFailure(number, reason)
     if not raw.endswith(b"\n"):
         return AuditFailure(number, f"line {number} has no trailing newline: a torn write")
     body = raw[:-1]
