@@ -238,3 +238,32 @@ def test_gunicorn_refuses_to_start_with_one_line(tmp_path: Path, broken: str) ->
     lines = [line for line in result.stderr.splitlines() if line.startswith("agentkeys-tee:")]
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ("edited", "line 2 was edited: its hash does not match its contents"),
+        ("removed", "line 2 does not chain to line 1: a line was removed or reordered before it"),
+        ("reordered", "line 2 does not chain to line 1: a line was removed or reordered before it"),
+    ],
+)
+def test_audit_verify_names_the_first_bad_line(
+    broker: Flask, tmp_path: Path, edit: str, expected: str
+) -> None:
+    state_dir = tmp_path / "tee"
+    worker = worker_app(broker, state_dir)
+    for anchor in (VECTOR_ANCHOR, "cd" * 32, "0f" * 32):
+        address(worker, broker, anchor)
+    log = state_dir / "audit.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    if edit == "edited":
+        lines[1] = lines[1].replace("cd" * 32, "ce" * 32)
+    elif edit == "removed":
+        del lines[1]
+    else:
+        lines[1], lines[2] = lines[2], lines[1]
+    log.write_text("".join(lines))
+    found = run_tee("audit", "verify", str(log), state_dir=state_dir)
+    assert found.returncode == 1
+    assert found.stderr.splitlines()[-1] == f"{log}: {expected}"
