@@ -120,12 +120,14 @@ class CheckingSts:
 
         checker = self
         self.checked = 0
+        self.tokens: list[str] = []  # every web identity token it was sent
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 form = parse_qs(body.decode())
                 if form.get("Action") == ["AssumeRoleWithWebIdentity"]:
+                    checker.tokens.append(form.get("WebIdentityToken", [""])[0])
                     try:
                         check(
                             form.get("WebIdentityToken", [""])[0],

@@ -5,6 +5,7 @@ No terminal here: the CLI and the server mode print."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -228,6 +229,7 @@ def assume_role(
     from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError as BotoError
 
+    quiet_wire_logs()
     sts = boto3.client(
         "sts",
         region_name=config.region or "us-east-1",
@@ -253,6 +255,15 @@ def assume_role(
         found["SessionToken"],
         int(found["Expiration"].timestamp()),
     )
+
+
+def quiet_wire_logs() -> None:
+    """botocore logs whole request and response bodies at DEBUG, and here those hold the OIDC
+    token and the AWS secret: keep those two loggers at INFO or above, whatever the caller set."""
+    for name in ("botocore.endpoint", "botocore.parsers"):
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.INFO:
+            logger.setLevel(logging.INFO)
 
 
 def fresh_credentials(
