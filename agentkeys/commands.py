@@ -1,4 +1,5 @@
-"""Operator commands: `flask --app app keys rotate --purpose session|oidc`."""
+"""Operator commands: `flask --app app keys rotate --purpose session|oidc`, `flask --app app prune`
+(run it periodically: it deletes what no flow can use any more)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,21 @@ from flask import Flask
 
 from agentkeys.blueprints.http import services
 from agentkeys.keys import JWKS_MAX_AGE
-from agentkeys.timefmt import rfc3339
+from agentkeys.prune import prune as prune_expired
+from agentkeys.timefmt import now_seconds, rfc3339
 
 
 def register_commands(app: Flask) -> None:
+    @app.cli.command()
+    @click.option("--batch", type=click.IntRange(min=1), default=1000, show_default=True)
+    def prune(batch: int) -> None:
+        """Delete expired challenges, sign-in requests, spent token ids and ended limit windows."""
+        svc = services()
+        limits = svc.settings.rate_limits
+        counts = prune_expired(svc.engine, now_seconds(), batch=batch, limits=limits)
+        for table, deleted in counts.items():
+            click.echo(f"pruned {deleted} {table}")
+
     @app.cli.group()
     def keys() -> None:
         """Signing keys shared by every worker and instance."""
