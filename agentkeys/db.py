@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -21,9 +22,18 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from agentkeys.errors import ConfigError
+from agentkeys.errors import ConfigError, DatabaseUnavailable
+
+# Seconds. libpq waits for ever on a server that takes the TCP connection and never answers (a
+# hung host, a half-open proxy), and SQLAlchemy waits 30 s for a free pooled connection: an
+# outage must become a 503 in a few seconds instead, not park every request (and under gevent
+# every greenlet) until the client gives up. DATABASE_URL's `?connect_timeout=` wins.
+CONNECT_TIMEOUT = 5
+POOL_TIMEOUT = 10
+OUTAGE_RETRY_AFTER = 5
 
 metadata = MetaData(
     naming_convention={
@@ -168,7 +178,45 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_engine(parsed, hide_parameters=True, pool_pre_ping=True, **kwargs)
+    if "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {
+            "connect_timeout": CONNECT_TIMEOUT,
+            **kwargs.get("connect_args", {}),
+        }
+    kwargs.setdefault("pool_timeout", POOL_TIMEOUT)
+    engine = create_engine(
+        parsed, hide_parameters=True, pool_pre_ping=True, pool_reset_on_return=None, **kwargs
+    )
+    event.listen(engine, "reset", _rollback_unless_broken)
+    return engine
+
+
+def _rollback_unless_broken(dbapi_connection: Any, _record: Any, state: Any) -> None:
+    """The pool's rollback on return (it replaces SQLAlchemy's own, switched off above)."""
+    # A connection that lost its server (mid-statement on a raw cursor, or just now) cannot be
+    # rolled back; SQLAlchemy would try, fail and log a traceback for an outage. psycopg knows
+    # it is broken: leave it, and the next checkout's pre-ping replaces it.
+    if not state.asyncio_safe or state.transaction_was_reset or dbapi_connection.broken:
+        return
+    try:
+        dbapi_connection.rollback()
+    except psycopg.OperationalError:
+        if not dbapi_connection.broken:
+            raise  # alive but failing: SQLAlchemy logs it and discards the connection
+
+
+def outage(exc: BaseException) -> DatabaseUnavailable | None:
+    """The 503 for a database failure that is an outage rather than a bug, else None."""
+    # OperationalError wraps psycopg's (and sqlite3's) refused, reset, timed-out and shut-down
+    # connections; PoolTimeout is the wait for a free connection; a connection that broke
+    # mid-statement is marked invalidated whatever DBAPI class its error came as. psycopg's own
+    # error escapes unwrapped when the reconnect after a failed pre-ping fails too.
+    invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
+    failures = OperationalError | DisconnectionError | PoolTimeout | psycopg.OperationalError
+    if isinstance(exc, failures) or invalidated:
+        detail = "The database is unavailable; try again shortly."
+        return DatabaseUnavailable(detail, retry_after=OUTAGE_RETRY_AFTER)
+    return None
 
 
 def read_only(engine: Engine) -> Engine:

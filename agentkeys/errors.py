@@ -178,3 +178,15 @@ class AttestationUnavailable(Unavailable):
     """The TEE platform cannot produce an attestation document now."""
 
     code = "attestation_unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database does not answer now: down, unreachable, or no connection free in time."""
+
+    code = "database_unavailable"
+
+
+class LimitsUnavailable(Unavailable):
+    """The rate-limit store (Redis) does not answer, so no limited request is let through."""
+
+    code = "limits_unavailable"

@@ -9,14 +9,17 @@ import sys
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from agentkeys.blueprints import auth, dev_key_service, health, identities, wallet
+from agentkeys.blueprints import auth, dev_key_service, health, identities, openapi, wallet
+from agentkeys.blueprints import metrics as metrics_blueprint
 from agentkeys.blueprints.http import SERVICES_KEY
 from agentkeys.blueprints.problems import register_error_handlers
 from agentkeys.commands import register_commands
+from agentkeys.db import outage
 from agentkeys.dev_key_service import DEV_ONLY_WARNING, DevKeyService
 from agentkeys.errors import ConfigError
 from agentkeys.keys import KeyUnsealError
 from agentkeys.migrate import is_current
+from agentkeys.observability import JSON, Metrics, Observability, install_json_logging
 from agentkeys.services import Services
 from agentkeys.settings import Settings
 
@@ -25,17 +28,25 @@ log = logging.getLogger("agentkeys")
 _QUERY_STRING = re.compile(r"\?[^\s\"'\x1b]*")
 
 
-def create_app(settings: Settings | None = None, *, instance_path: str | None = None) -> Flask:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    instance_path: str | None = None,
+    observability: Observability | None = None,
+) -> Flask:
     """Build the app; settings come from the environment unless given (tests pass them)."""
     app = Flask("agentkeys", instance_path=instance_path)
     if settings is None:
         settings = Settings.from_env(instance_path=app.instance_path)
+        observability = observability or Observability.from_env(production=settings.is_production)
     else:
         settings.validate()
+    register_observability(app, settings, observability or Observability())
+    refuse_debugger(app, settings)
     register_settings(app, settings)
     register_request_log()
     register_proxies(app, settings)
-    register_error_handlers(app)
+    register_error_handlers(app, translate=outage)
     svc = register_services(app, settings)
     register_blueprints(app, settings)
     register_commands(app)
@@ -44,9 +55,25 @@ def create_app(settings: Settings | None = None, *, instance_path: str | None = 
     return app
 
 
+def refuse_debugger(app: Flask, settings: Settings) -> None:
+    """`flask run --debug` (FLASK_DEBUG) serves werkzeug's debugger, a Python console in the
+    browser: anyone who reaches it runs code with the master secret and the keys in reach."""
+    if app.debug and settings.is_production:
+        raise ConfigError("the debugger (FLASK_DEBUG, flask --debug) is refused in production")
+
+
 def register_settings(app: Flask, settings: Settings) -> None:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+
+
+def register_observability(app: Flask, settings: Settings, observability: Observability) -> None:
+    """First, so every request has its id before anything logs; JSON logs; metrics if on."""
+    if observability.log_format == JSON:
+        install_json_logging()
+    signers = ("dev",) if settings.dev_master_secret is not None else ()
+    metrics = Metrics(signers) if observability.metrics else None
+    app.register_blueprint(metrics_blueprint.create_blueprint(metrics))
 
 
 def register_request_log() -> None:
@@ -74,11 +101,18 @@ def register_services(app: Flask, settings: Settings) -> Services:
 
 def generate_dev_keys(svc: Services) -> None:
     """Development makes its signing keys on first run (production: the release step)."""
-    if not is_current(svc.engine):
-        log.warning("the database is not migrated: run `python -m agentkeys.release`")
-        return
-    for ring in svc.keyrings():
-        ring.ensure_initial()
+    try:
+        if not is_current(svc.engine):
+            log.warning("the database is not migrated: run `python -m agentkeys.release`")
+            return
+        for ring in svc.keyrings():
+            ring.ensure_initial()
+    except Exception as exc:
+        if outage(exc) is None:
+            raise
+        # Boot anyway and answer 503s: a worker that raised here would exit 3, and gunicorn's
+        # master halts every worker on that. The key rings make the keys on first use.
+        log.warning("the database is unavailable at boot (%s): serving 503s", type(exc).__name__)
 
 
 def register_blueprints(app: Flask, settings: Settings) -> None:
@@ -86,6 +120,7 @@ def register_blueprints(app: Flask, settings: Settings) -> None:
     app.register_blueprint(auth.create_blueprint())
     app.register_blueprint(identities.create_blueprint())
     app.register_blueprint(wallet.create_blueprint())
+    app.register_blueprint(openapi.create_blueprint())
     service = None
     if settings.dev_master_secret is not None:
         service = DevKeyService(settings.dev_master_secret, settings)

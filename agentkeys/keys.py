@@ -80,8 +80,12 @@ class KeyRing:
         kek: Secret | None,
         token_ttl: int,
         clock: Callable[[], float] = time.time,
+        create_first: bool = False,
     ) -> None:
+        """`create_first` (development): the first read makes the first key if there is none,
+        so a process that booted while the database was down needs no restart to get keys."""
         self.engine, self.purpose, self.token_ttl, self.clock = engine, purpose, token_ttl, clock
+        self.create_first = create_first
         self._aead = AESGCM(kek.reveal()) if kek is not None else None
         self._lock = threading.Lock()
         self._keys: list[SigningKey] = []
@@ -182,7 +186,10 @@ class KeyRing:
 
     def _current(self) -> list[SigningKey]:
         if self.clock() - self._loaded_at > RELOAD_SECONDS:
-            self.reload()
+            if self.create_first and not self._keys:
+                self.ensure_initial()
+            else:
+                self.reload()
         now = self.clock()
         return [k for k in self._keys if k.retire_at is None or k.retire_at > now]
 

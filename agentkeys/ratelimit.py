@@ -3,22 +3,30 @@ memory, so they hold across gunicorn workers and instances."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from sqlalchemy import Engine, case
 from sqlalchemy.dialects import postgresql, sqlite
 
 from agentkeys.db import rate_limits
-from agentkeys.errors import ConfigError
+from agentkeys.errors import ConfigError, LimitsUnavailable
 from agentkeys.settings import Limit
+
+log = logging.getLogger(__name__)
+LIMITS_RETRY_AFTER = 5  # seconds
 
 
 class Counter(Protocol):
     def incr(self, key: str, window_start: int, seconds: int) -> int:
         """Count one hit in the window starting at `window_start`; the hits so far."""
+
+    def ping(self) -> None:
+        """Raise LimitsUnavailable unless the store answers (readiness)."""
 
 
 class RateLimiter:
@@ -36,6 +44,9 @@ class RateLimiter:
         if hits <= limit.count:
             return None
         return max(1, window_start + limit.seconds - now)
+
+    def ping(self) -> None:
+        self.counter.ping()
 
 
 class SqlCounter:
@@ -57,11 +68,15 @@ class SqlCounter:
         with self.engine.begin() as conn:
             return int(conn.execute(statement).scalar_one())
 
+    def ping(self) -> None:
+        """Nothing of its own: readiness checks this same database first."""
+
 
 class RedisCounter:
     def __init__(self, url: str) -> None:
         import redis
 
+        self._errors = redis.RedisError
         try:
             self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         except ValueError:  # its message can quote the URL: an unencoded "/" makes a "port"
@@ -72,8 +87,29 @@ class RedisCounter:
 
     def incr(self, key: str, window_start: int, seconds: int) -> int:
         name = f"agentkeys:limit:{key}:{window_start}"
-        with self.redis.pipeline() as pipe:
+        # Fail closed: a hit that cannot be counted is refused. Failing open would lift every
+        # abuse limit at once for as long as Redis is down, and anyone who can exhaust or cut
+        # it could then send mail and guess codes unlimited.
+        with self._unavailable_on_error(), self.redis.pipeline() as pipe:
             pipe.incr(name)
             pipe.expire(name, seconds + 5)
             hits, _ = pipe.execute()
         return int(hits)
+
+    def ping(self) -> None:
+        with self._unavailable_on_error():
+            self.redis.ping()
+
+    @contextlib.contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except self._errors as exc:
+            # One line: the class and redis-py's first line name host and port, never a password.
+            first = str(exc).partition("\n")[0][:300]
+            log.warning(
+                "limits_unavailable: %s.%s: %s", type(exc).__module__, type(exc).__qualname__, first
+            )
+            raise LimitsUnavailable(
+                "The rate-limit store is unavailable; try again shortly.", LIMITS_RETRY_AFTER
+            ) from exc

@@ -45,14 +45,23 @@ class Services:
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
         store = IdentityLinkStore(engine, settings.client_id)
+        # Nothing here connects: a worker booting while the database is down still comes up
+        # and answers 503s. Development makes its first keys on first use (production: the
+        # release step), so a boot during an outage needs no restart once the database is back.
+        dev_keys = not settings.is_production
         session_keys = KeyRing(
             engine,
             "session",
             kek=settings.key_encryption_key,
             token_ttl=max(settings.identity_session_ttl, settings.wallet_session_ttl),
+            create_first=dev_keys,
         )
         oidc_keys = KeyRing(
-            engine, "oidc", kek=settings.key_encryption_key, token_ttl=settings.oidc_ttl
+            engine,
+            "oidc",
+            kek=settings.key_encryption_key,
+            token_ttl=settings.oidc_ttl,
+            create_first=dev_keys,
         )
         sessions = SessionTokens(
             session_keys,

@@ -113,7 +113,10 @@ def checkout_copy(target: Path, *, venv: bool = True) -> Path:
         for part in (ROOT / ".venv").iterdir():
             if not part.name.startswith(".installed-"):
                 (target / ".venv" / part.name).symlink_to(part)
-        digest = hashlib.sha256((target / "pyproject.toml").read_bytes()).hexdigest()[:16]
+        # bin/setup's mark: what the venv was installed from (pyproject.toml and the locks).
+        inputs = ("pyproject.toml", "requirements.lock", "bin/uv.lock")
+        digest = hashlib.sha256(b"".join((target / n).read_bytes() for n in inputs)).hexdigest()
+        digest = digest[:16]
         (target / ".venv" / f".installed-{digest}").touch()
     return target
 

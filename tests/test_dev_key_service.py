@@ -422,8 +422,10 @@ def test_disabled_holds_no_service_or_secret(make_app: MakeApp) -> None:
 
 
 def test_same_rules_both_modes(make_app: MakeApp) -> None:
-    def rules(app: Any) -> set[tuple[str, frozenset[str]]]:
-        return {(r.rule, frozenset(r.methods or ())) for r in app.url_map.iter_rules()}
+    """Same rules, methods and endpoint names: the OpenAPI document names one operation."""
+
+    def rules(app: Any) -> set[tuple[str, str, frozenset[str]]]:
+        return {(r.rule, r.endpoint, frozenset(r.methods or ())) for r in app.url_map.iter_rules()}
 
     assert rules(make_app()) == rules(make_app(dev_master_secret=None))
 

@@ -22,6 +22,7 @@ from tests.live import (
     gunicorn,
     release,
     run_bounded,
+    serving,
     wait_until_up,
 )
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
@@ -242,3 +243,30 @@ def test_access_log_has_paths_but_no_query_strings(tmp_path: Path) -> None:
     lines = log.read_text()
     assert '"GET /auth/oauth2/callback HTTP/1.1" 400' in lines
     assert secret not in lines and "state=" not in lines
+
+
+@pytest.mark.parametrize("how", [["--debug"], []])
+def test_the_debugger_is_refused_outside_development(tmp_path: Path, how: list[str]) -> None:
+    """werkzeug's debugger is a Python console in the browser: production refuses it, by the
+    flag or by FLASK_DEBUG; development still has it."""
+    database = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    assert run_release(clean_env(**PROD, DATABASE_URL=database)).returncode == 0
+    port = free_port()
+    command = [sys.executable, "-m", "flask", "--app", "app", *how, "run", "--port", str(port)]
+    debug = {} if how else {"FLASK_DEBUG": "1"}
+    refused = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=clean_env(**PROD, DATABASE_URL=database, **debug),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 4
+    assert (
+        "agentkeys: configuration error: the debugger (FLASK_DEBUG, flask --debug) is refused "
+        "in production"
+    ) in refused.stderr.splitlines()
+    dev = clean_env(**DEV, DATABASE_URL=database, AGENTKEYS_KEY_ENCRYPTION_KEY=KEK, **debug)
+    with serving(command, dev, port, stderr=subprocess.PIPE) as base:
+        assert requests.get(base + "/healthz", timeout=10).json() == {"status": "ok"}

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import requests
 from aiosmtpd.smtp import AuthResult
-from sqlalchemy.exc import SQLAlchemyError
 
 from agentkeys.db import make_engine
 from agentkeys.errors import ConfigError
@@ -68,32 +67,55 @@ BROKEN_DATABASES = {
 def test_database_errors_show_no_password(
     kind: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
+    """Development boots without its database (it is an outage) and answers 503s meanwhile."""
     log_everything(caplog)
     settings = dataclasses.replace(BASE_SETTINGS, database_url=BROKEN_DATABASES[kind]())
-    with pytest.raises(SQLAlchemyError) as info:  # development connects at start (dev keys)
-        create_app(settings, instance_path=str(tmp_path))
-    assert "OperationalError" in shown(info.value)
-    assert PASSWORD not in shown(info.value) + caplog.text
+    app = create_app(settings, instance_path=str(tmp_path))
+    client = app.test_client()
+    response = client.post("/v1/auth/email/request", json={"email": "alice@example.com"})
+    assert response.status_code == 503 and response.json is not None
+    assert response.json["error"] == "database_unavailable"
+    assert client.get("/readyz").status_code == 503
+    assert "OperationalError" in caplog.text  # the warning names the class
+    assert PASSWORD not in caplog.text + response.get_data(as_text=True)
+    services_of(app).engine.dispose()
 
 
 @pytest.mark.parametrize("kind", BROKEN_DATABASES)
-@pytest.mark.parametrize(
-    "command",
-    [
+def test_the_release_step_shows_no_database_password(kind: str) -> None:
+    result = run(
         [sys.executable, "-m", "agentkeys.release"],
-        [sys.executable, "-m", "flask", "--app", "app", "routes"],
-        [*GUNICORN, "--log-level", "debug", "--workers", "1", "wsgi:app"],
-    ],
-    ids=["release", "flask", "gunicorn"],
-)
-def test_entry_points_show_no_database_password(kind: str, command: list[str]) -> None:
-    port = ["--bind", f"127.0.0.1:{free_port()}"] if "gunicorn" in command else []
-    result = run([*command, *port], clean_env(**DEV, DATABASE_URL=BROKEN_DATABASES[kind]()))
+        clean_env(**DEV, DATABASE_URL=BROKEN_DATABASES[kind]()),
+    )
     assert result.returncode != 0
-    assert "OperationalError" in result.stderr
+    assert result.stderr == "agentkeys: database error: OperationalError\n"
     assert PASSWORD not in result.stdout + result.stderr
-    if "agentkeys.release" in command:
-        assert result.stderr == "agentkeys: database error: OperationalError\n"
+
+
+@pytest.mark.parametrize("kind", BROKEN_DATABASES)
+@pytest.mark.parametrize("server", ["flask", "gunicorn"])
+def test_servers_up_without_their_database_show_no_password(
+    kind: str, server: str, tmp_path: Path
+) -> None:
+    """A server started during an outage comes up, answers 503 and logs no password."""
+    port = free_port()
+    if server == "flask":
+        command = [sys.executable, "-m", "flask", "--app", "app", "run", "--port", str(port)]
+    else:
+        command = [*GUNICORN, "--log-level", "debug", "--workers", "1"]
+        command += ["--bind", f"127.0.0.1:{port}", "wsgi:app"]
+    env = clean_env(**DEV, DATABASE_URL=BROKEN_DATABASES[kind]())
+    log = tmp_path / "server.log"
+    with log.open("w") as out, serving(command, env, port, stdout=out, stderr=out) as base:
+        ready = requests.get(base + "/readyz", timeout=30)
+        refused = requests.post(
+            base + "/v1/auth/email/request", json={"email": "alice@example.com"}, timeout=30
+        )
+    assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
+    assert refused.status_code == 503 and refused.json()["error"] == "database_unavailable"
+    shown = log.read_text()
+    assert "OperationalError" in shown  # the outage was logged…
+    assert PASSWORD not in shown + ready.text + refused.text  # …without the password
 
 
 @pytest.mark.parametrize(
@@ -140,9 +162,9 @@ def test_redis_errors_show_no_password(
     log_everything(caplog)
     client = make_app(redis_url=BROKEN_REDIS[kind]()).test_client()
     response = client.post("/v1/auth/email/request", json={"email": "alice@example.com"})
-    assert response.status_code == 500 and response.json is not None
-    assert response.json["error"] == "internal_error"
-    assert error in caplog.text  # the traceback of the unhandled error is logged
+    assert response.status_code == 503 and response.json is not None
+    assert response.json["error"] == "limits_unavailable"  # fail closed, never a 500
+    assert error.rsplit(".", 1)[1] in caplog.text  # the warning names the class
     assert PASSWORD not in caplog.text + response.get_data(as_text=True)
 
 

@@ -26,7 +26,7 @@ from agentkeys.timefmt import rfc3339
 
 
 class EmailRequest(Schema):
-    email = fields.String(required=True)
+    email = fields.String(required=True, metadata={"format": "email", "maxLength": 254})
 
 
 class TokenRequest(Schema):
@@ -34,7 +34,7 @@ class TokenRequest(Schema):
 
 
 class OAuth2StartRequest(Schema):
-    provider = fields.String(required=True)
+    provider = fields.String(required=True, metadata={"pattern": "^[a-z0-9]+$"})
 
 
 class ApprovalRequest(Schema):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 
 from flask import Flask, Response, request
@@ -26,6 +27,9 @@ STATUS_OF: dict[type[errors.AgentKeysError], int] = {
     errors.SignerDisabled: 503,
     errors.Unavailable: 503,
 }
+
+# Maps an exception that is no bug (a database outage) to the domain error to answer with.
+Translate = Callable[[Exception], errors.AgentKeysError | None]
 
 CODE_OF_HTTP_STATUS = {
     400: "bad_request",
@@ -57,7 +61,7 @@ def problem(status: int, code: str, detail: str, headers: dict[str, str] | None 
     return response
 
 
-def register_error_handlers(app: Flask) -> None:
+def register_error_handlers(app: Flask, translate: Translate | None = None) -> None:
     @app.errorhandler(Problem)
     def _edge(exc: Problem) -> Response:
         return problem(exc.status, exc.code, exc.detail)
@@ -82,8 +86,23 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        known = translate(exc) if translate is not None else None
+        if known is not None:
+            # An outage is expected, not a bug: one line, no traceback; the driver's first line
+            # names host and port at most (make_engine refuses URLs that would put more there).
+            log.warning(
+                "%s on %s %s: %s", known.code, request.method, request.path, _first_line(exc)
+            )
+            return _domain(known)
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem(500, "internal_error", "The server failed to handle this request.")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's class and the first line of its message (SQLAlchemy's later lines hold
+    the statement), bounded."""
+    message = str(exc).partition("\n")[0][:300]
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {message}"
 
 
 def _http_detail(status: int) -> str:

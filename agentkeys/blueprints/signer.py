@@ -14,14 +14,18 @@ from agentkeys.errors import Forbidden, SignerDisabled
 from agentkeys.sessions import Session
 from agentkeys.signer import Signer, parse_anchor, parse_message_hex
 
+# For the OpenAPI document only: the views check these with their own error codes (§5).
+ANCHOR = {"pattern": "^[0-9a-fA-F]{64}$"}
+MESSAGE_HEX = {"pattern": "^(0[xX])?([0-9a-fA-F]{2})*$"}
+
 
 class DeriveAddressRequest(Schema):
-    omni_account = fields.String(required=True)
+    omni_account = fields.String(required=True, metadata=ANCHOR)
 
 
 class SignMessageRequest(Schema):
-    omni_account = fields.String(required=True)
-    message_hex = fields.String(required=True)
+    omni_account = fields.String(required=True, metadata=ANCHOR)
+    message_hex = fields.String(required=True, metadata=MESSAGE_HEX)
 
 
 def create_blueprint(
@@ -83,5 +87,9 @@ def _register_disabled(bp: Blueprint, detail: str) -> None:
         json_object()
         raise SignerDisabled(detail)
 
-    for rule in ("/derive-address", "/sign-message"):
-        bp.add_url_rule(rule, rule.strip("/"), disabled, methods=["POST"])
+    # The enabled views' endpoint names, so the OpenAPI document and metrics name one operation.
+    for rule, endpoint in (
+        ("/derive-address", "derive_address"),
+        ("/sign-message", "sign_message"),
+    ):
+        bp.add_url_rule(rule, endpoint, disabled, methods=["POST"])

@@ -24,21 +24,26 @@ from agentkeys.sessions import IDENTITY, WALLET
 from agentkeys.timefmt import rfc3339
 
 CACHE = f"public, max-age={JWKS_MAX_AGE}"
+# For the OpenAPI document only (the views check these with their own error codes): §3's three
+# forms of an address (a mixed-case one must also be EIP-55) and a 65-byte signature.
+ADDRESS = {"pattern": "^0x([0-9a-f]{40}|[0-9A-F]{40}|[0-9a-fA-F]{40})$"}
+SIGNATURE = {"pattern": "^(0x)?[0-9a-fA-F]{130}$"}
+REQUEST_ID = {"pattern": "^[A-Za-z0-9_-]{16,64}$"}  # login.REQUEST_ID: the ids this service issues
 
 
 class WalletLinkRequest(Schema):
-    identity_type = fields.String(required=True)
-    identity_value = fields.String(required=True)
+    identity_type = fields.String(required=True, metadata={"enum": [EVM]})
+    identity_value = fields.String(required=True, metadata=ADDRESS)
 
 
 class WalletStartRequest(Schema):
-    address = fields.String(required=True)
+    address = fields.String(required=True, metadata=ADDRESS)
     chain_id = fields.Integer(strict=True, validate=validate.Range(min=1))
 
 
 class WalletVerifyRequest(Schema):
-    request_id = fields.String(required=True)
-    signature = fields.String(required=True)
+    request_id = fields.String(required=True, metadata=REQUEST_ID)
+    signature = fields.String(required=True, metadata=SIGNATURE)
 
 
 def create_blueprint() -> Blueprint:

@@ -9,7 +9,6 @@ import base64
 import io
 import logging
 import re
-import secrets
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,6 +22,7 @@ from agentkeys.blueprints import signer as signer_blueprint
 from agentkeys.blueprints.parsing import bearer_token
 from agentkeys.blueprints.problems import Problem, register_error_handlers
 from agentkeys.errors import AttestationUnavailable, ConfigError
+from agentkeys.requestid import REQUEST_ID_HEADER, request_id_from
 from agentkeys.sessions import Session
 from agentkeys.signer import SigningPolicy
 from agentkeys.tee.audit import AuditError, AuditLog
@@ -35,7 +35,6 @@ from agentkeys.tee.state import SealedState, StateError
 FORMAT = "aws-nitro-v1"
 KEY_VERSION = 1
 MIN_NONCE_BYTES, MAX_NONCE_BYTES = 16, 64
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+\Z")
 
 log = logging.getLogger("agentkeys.tee")
@@ -90,12 +89,11 @@ def register_request_ids(app: Flask) -> None:
 
     @app.before_request
     def _take() -> None:
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(16)
+        g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
 
     @app.after_request
     def _echo(response: Any) -> Any:
-        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
         return response
 
 
