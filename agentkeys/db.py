@@ -220,8 +220,21 @@ def outage(exc: BaseException) -> DatabaseUnavailable | None:
 
 
 def read_only(engine: Engine) -> Engine:
-    """The same engine and pool for transactions that only read (SQLite: no write lock)."""
+    """The same engine and pool for work that only reads. SQLite: a plain BEGIN, which takes no
+    write lock. PostgreSQL: autocommit, which saves the BEGIN and ROLLBACK round trips and
+    changes nothing else, as READ COMMITTED gives each statement its own snapshot anyway."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
     return engine.execution_options(agentkeys_read_only=True)
+
+
+def one_statement(engine: Engine) -> Engine:
+    """The same engine and pool for a write that is one statement, atomic by itself. On
+    PostgreSQL it runs in autocommit: one round trip instead of BEGIN, the statement and
+    COMMIT. SQLite keeps its BEGIN IMMEDIATE (see _sqlite_begin_immediate)."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
 
 
 def _sqlite_begin_immediate(connection: Any) -> None:

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from sqlalchemy import Engine, case
+from sqlalchemy import Engine, bindparam, case
 from sqlalchemy.dialects import postgresql, sqlite
 
-from agentkeys.db import rate_limits
+from agentkeys.db import one_statement, rate_limits
 from agentkeys.errors import ConfigError, LimitsUnavailable
 from agentkeys.settings import Limit
 
@@ -51,22 +51,26 @@ class RateLimiter:
 
 class SqlCounter:
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-
-    def incr(self, key: str, window_start: int, seconds: int) -> int:
-        insert = self.dialect.insert(rate_limits).values(key=key, window_start=window_start, hits=1)
-        # One atomic upsert: a new window restarts the count, the same window adds one.
+        self.engine = one_statement(engine)
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        insert = dialect.insert(rate_limits).values(
+            key=bindparam("key"), window_start=bindparam("window_start"), hits=1
+        )
+        # One atomic upsert: a new window restarts the count, the same window adds one. Built
+        # once: building it again on every hit cost more than the database's work.
         same_window = rate_limits.c.window_start == insert.excluded.window_start
-        statement = insert.on_conflict_do_update(
+        self._upsert = insert.on_conflict_do_update(
             index_elements=[rate_limits.c.key],
             set_={
                 "hits": case((same_window, rate_limits.c.hits + 1), else_=1),
                 "window_start": insert.excluded.window_start,
             },
         ).returning(rate_limits.c.hits)
+
+    def incr(self, key: str, window_start: int, seconds: int) -> int:
         with self.engine.begin() as conn:
-            return int(conn.execute(statement).scalar_one())
+            hits = conn.execute(self._upsert, {"key": key, "window_start": window_start})
+            return int(hits.scalar_one())
 
     def ping(self) -> None:
         """Nothing of its own: readiness checks this same database first."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from agentkeys.db import accounts, identities, read_only, spent_tokens, wallet_links
@@ -46,6 +47,7 @@ class IdentityLinkStore:
         self.reader = read_only(engine)
         self.client_id = client_id
         self.clock = clock
+        self._postgres = engine.dialect.name == "postgresql"
         mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         # Only the driver's placeholder is put into the text; the anchor goes as a parameter.
         self._generation_sql = (
@@ -60,10 +62,9 @@ class IdentityLinkStore:
     def sign_in(self, identity: Identity) -> str:
         """The identity's account; the first sign-in creates one anchored at its omni."""
         for _ in range(3):  # a concurrent first sign-in of the same identity may win the insert
-            with self.engine.begin() as conn:
-                account = _account_of(conn, identity)
-                if account is not None:
-                    return account
+            account = self.resolve(identity)
+            if account is not None:
+                return account
             try:
                 return self._create(identity)
             except IntegrityError:
@@ -272,22 +273,33 @@ class IdentityLinkStore:
         On the pool's raw DBAPI connection: one SELECT by key, without the Core round of
         transaction events that costs ten times the query itself on SQLite."""
         raw = self.engine.raw_connection()
+        driver: Any = raw.driver_connection  # psycopg.Connection on PostgreSQL
+        # PostgreSQL: one SELECT needs no transaction. In autocommit psycopg sends no BEGIN,
+        # and the pool's rollback on return has nothing to roll back: two round trips fewer.
+        # (SQLite's connections already leave transactions to explicit BEGINs.)
+        autocommit = self._postgres and not driver.autocommit
         try:
+            if autocommit:
+                driver.autocommit = True
             cursor = raw.cursor()
             cursor.execute(self._generation_sql, (account,))
             row = cursor.fetchone()
             cursor.close()
         finally:
-            raw.close()  # back to the pool, rolled back
+            if autocommit and not driver.broken:  # a broken one is replaced at checkout
+                driver.autocommit = False
+            raw.close()  # back to the pool
         return None if row is None or row[1] is not None else int(row[0])
 
     def member_generation(self, account: str, identity: Identity) -> int | None:
         """The account's generation if `identity` is linked to it now (the generation a session
-        for it is minted in), else None: read together, so an unlink cannot fall in between."""
+        for it is minted in), else None. One statement: PostgreSQL's READ COMMITTED gives each
+        statement its own snapshot, so with two an unlink could commit between the link's read
+        and the generation's, and the session would carry the generation that revoked it."""
+        params = {"type": identity.type, "value": identity.value, "account": account}
         with self.reader.connect() as conn:
-            if _account_of(conn, identity) != account:
-                return None
-            return _generation(conn, account)
+            row = conn.execute(_MEMBER_GENERATION, params).first()
+        return None if row is None or row.merged_into is not None else int(row.session_generation)
 
     def spend(self, jti: str, expires_at: int) -> bool:
         """Mark a token id used; False if it was already spent (atomic across workers)."""
@@ -301,22 +313,37 @@ class IdentityLinkStore:
         return True
 
 
+# The statements of every sign-in and session are built once: Core caches their compiled SQL,
+# but building one and its cache key again costs more than running it on SQLite.
+_ACCOUNT_OF = select(identities.c.account).where(
+    identities.c.identity_type == bindparam("type"),
+    identities.c.identity_value == bindparam("value"),
+    identities.c.status == LINKED,
+)
+_GENERATION = select(accounts.c.session_generation, accounts.c.merged_into).where(
+    accounts.c.anchor == bindparam("account")
+)
+_GENERATION_LOCKED = _GENERATION.with_for_update()
+_MEMBER_GENERATION = (
+    select(accounts.c.session_generation, accounts.c.merged_into)
+    .join(identities, identities.c.account == accounts.c.anchor)
+    .where(
+        accounts.c.anchor == bindparam("account"),
+        identities.c.identity_type == bindparam("type"),
+        identities.c.identity_value == bindparam("value"),
+        identities.c.status == LINKED,
+    )
+)
+
+
 def _account_of(conn: Connection, identity: Identity) -> str | None:
-    return conn.execute(
-        select(identities.c.account).where(
-            identities.c.identity_type == identity.type,
-            identities.c.identity_value == identity.value,
-            identities.c.status == LINKED,
-        )
-    ).scalar_one_or_none()
+    found = conn.execute(_ACCOUNT_OF, {"type": identity.type, "value": identity.value})
+    return found.scalar_one_or_none()
 
 
 def _generation(conn: Connection, account: str, *, lock: bool = False) -> int | None:
     """The account's session generation; None if it is merged or unknown."""
-    query = select(accounts.c.session_generation, accounts.c.merged_into).where(
-        accounts.c.anchor == account
-    )
-    row = conn.execute(query.with_for_update() if lock else query).first()
+    row = conn.execute(_GENERATION_LOCKED if lock else _GENERATION, {"account": account}).first()
     return None if row is None or row.merged_into is not None else int(row.session_generation)
 
 

@@ -7,10 +7,10 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 
 from agentkeys.crypto import parse_signature, recover_personal, to_checksum_address
-from agentkeys.db import read_only, siwe_challenges
+from agentkeys.db import one_statement, read_only, siwe_challenges
 from agentkeys.errors import (
     ChainNotAllowed,
     ChallengeExpired,
@@ -31,6 +31,25 @@ from agentkeys.timefmt import now_seconds, rfc3339
 CHALLENGE_TTL = 600
 PLAIN_STATEMENT = "Sign in to AgentKeys with this wallet."
 BOUND_STATEMENT = "Link this wallet to your AgentKeys account and sign in."
+
+
+# Built once, as every sign-in runs it (see store._ACCOUNT_OF).
+_CONSUME = (
+    update(siwe_challenges)
+    .where(
+        siwe_challenges.c.request_id == bindparam("id"),
+        siwe_challenges.c.status == "pending",
+    )
+    .values(status="used")
+    .returning(
+        siwe_challenges.c.address,
+        siwe_challenges.c.account,
+        siwe_challenges.c.message,
+        siwe_challenges.c.expires_at,
+        siwe_challenges.c.session_generation,
+        siwe_challenges.c.session_expires_at,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,7 @@ class WalletChallenges:
         clock: Callable[[], int] = now_seconds,
     ) -> None:
         self.engine, self.store, self.issuer = engine, store, issuer
+        self.single = one_statement(engine)
         self.chain_ids, self.clock = chain_ids, clock
 
     def start(self, address: str, chain_id: int | None, session: Session | None) -> Challenge:
@@ -85,7 +105,7 @@ class WalletChallenges:
             resources=(f"{ACCOUNT_RESOURCE_PREFIX}{account}",) if account else None,
         ).format()
         request_id = secrets.token_urlsafe(16)
-        with self.engine.begin() as conn:
+        with self.single.begin() as conn:
             conn.execute(
                 insert(siwe_challenges).values(
                     request_id=request_id,
@@ -105,23 +125,8 @@ class WalletChallenges:
         """Consume the challenge (whatever the outcome), then check the signature."""
         if not REQUEST_ID.match(request_id):
             raise UnknownRequest("No such wallet challenge.")
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                update(siwe_challenges)
-                .where(
-                    siwe_challenges.c.request_id == request_id,
-                    siwe_challenges.c.status == "pending",
-                )
-                .values(status="used")
-                .returning(
-                    siwe_challenges.c.address,
-                    siwe_challenges.c.account,
-                    siwe_challenges.c.message,
-                    siwe_challenges.c.expires_at,
-                    siwe_challenges.c.session_generation,
-                    siwe_challenges.c.session_expires_at,
-                )
-            ).first()
+        with self.single.begin() as conn:
+            row = conn.execute(_CONSUME, {"id": request_id}).first()
         if row is None:
             with read_only(self.engine).connect() as conn:
                 known = conn.execute(

@@ -202,6 +202,24 @@ def test_a_lone_surrogate_is_invalid_json(app: Flask, path: str, raw: str) -> No
     assert response.get_json()["error"] == "invalid_json"
 
 
+RAW_BODIES = {
+    "a surrogate's UTF-8 bytes": b'{"token": "\xed\xa0\x80"}',
+    "UTF-16": '{"token": "x"}'.encode("utf-16"),
+    "UTF-16 with an escaped surrogate": '{"token": "\\ud800"}'.encode("utf-16-le"),
+    "UTF-32": '{"token": "x"}'.encode("utf-32"),
+    "Latin-1": '{"token": "caf\xe9"}'.encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("raw", RAW_BODIES.values(), ids=RAW_BODIES.keys())
+def test_a_body_that_is_not_utf8_is_invalid_json(app: Flask, raw: bytes) -> None:
+    response = app.test_client().post(
+        "/v1/auth/email/verify", data=raw, content_type="application/json"
+    )
+    assert_problem(response, status=400)
+    assert response.get_json()["error"] == "invalid_json"
+
+
 def nested_header_token(depth: int) -> str:
     header = base64.urlsafe_b64encode(b"[" * depth + b"]" * depth).rstrip(b"=").decode()
     return f"{header}.e30.c2ln"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import Engine, Table, func, select
+from sqlalchemy import Engine, Table, event, func, select, update
 
 from agentkeys.crypto import omni
-from agentkeys.db import accounts, identities, spent_tokens
+from agentkeys.db import accounts, identities, make_engine, spent_tokens
 from agentkeys.errors import (
     AgentKeysError,
     AnchorIdentity,
@@ -20,6 +21,7 @@ from agentkeys.errors import (
     Unauthorized,
 )
 from agentkeys.identity import EMAIL, EVM, Identity, canonical_email, canonical_identity
+from agentkeys.ratelimit import SqlCounter
 from agentkeys.sessions import LEEWAY_SECONDS
 from agentkeys.store import (
     SPENT_GRACE_SECONDS,
@@ -400,6 +402,63 @@ def test_revocation_reaches_another_worker_at_once(engine: Engine, clock: Clock)
     assert worker_a.member_generation(account, Identity(EMAIL, "first@example.com")) == 2
     assert worker_a.member_generation(account, Identity(EMAIL, "second@example.com")) is None
     assert worker_a.member_generation(merged, Identity(EMAIL, "second@example.com")) is None
+
+
+def test_an_unlink_committed_during_the_mint_read_still_revokes(
+    engine: Engine, clock: Clock
+) -> None:
+    """The read a session is minted from is one snapshot. On PostgreSQL (READ COMMITTED, a
+    snapshot per statement) a second statement would see an unlink that committed after the
+    first: the session would then carry the very generation the unlink moved to."""
+    store = IdentityLinkStore(engine, CLIENT_ID, clock=clock)
+    other = IdentityLinkStore(make_engine(engine.url.render_as_string(False)), CLIENT_ID)
+    account = store.sign_in(Identity(EMAIL, "first@example.com"))
+    second = Identity(EMAIL, "second@example.com")
+    store.merge(account, store.sign_in(second), second.omni(CLIENT_ID))
+    statements: list[str] = []
+
+    def unlink_once(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        statements.append(statement)
+        if len(statements) == 1:  # after the mint's first statement, before any second
+            other.unlink(account, second)
+
+    event.listen(engine, "after_cursor_execute", unlink_once)
+    try:
+        generation = store.member_generation(account, second)
+    finally:
+        event.remove(engine, "after_cursor_execute", unlink_once)
+        other.engine.dispose()
+
+    assert statements, "the read ran no statement"
+    assert store.session_generation(account) == 1  # the unlink committed
+    assert generation is None or generation < 1  # a session minted from it is refused
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda store, account: store.session_generation(account),
+        lambda store, account: store.member_generation(account, ALICE),
+        lambda store, account: store.resolve(ALICE),
+        lambda store, account: SqlCounter(store.engine).incr("a limit", 0, 60),
+    ],
+    ids=["raw revocation read", "mint read", "resolve", "a one-statement write"],
+)
+def test_autocommit_work_leaves_its_connection_transactional(
+    engine: Engine, read: Callable[[IdentityLinkStore, str], object]
+) -> None:
+    """Reads and one-statement writes run in autocommit on PostgreSQL. The one pooled
+    connection must come back from them transactional: a later transaction that fails must
+    still roll back whole."""
+    single = make_engine(engine.url.render_as_string(False), pool_size=1, max_overflow=0)
+    store = IdentityLinkStore(single, CLIENT_ID)
+    account = store.sign_in(ALICE)
+    read(store, account)
+    with pytest.raises(RuntimeError), single.begin() as conn:
+        conn.execute(update(accounts).values(session_generation=5))
+        raise RuntimeError("after the write, before the commit")
+    assert store.session_generation(account) == 0
+    single.dispose()
 
 
 # --- identities that hash to one anchor (§1: omni has no separators) ----------------------

@@ -28,10 +28,15 @@ def json_object() -> dict[str, Any]:
     else:
         raw = request.get_data(cache=True)  # a chunked body: werkzeug enforces the limit
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        # Strict UTF-8 (RFC 8259 §8.1): json.loads would also take UTF-16 and UTF-32, and
+        # decode surrogate bytes as they stand.
+        text = raw.decode("utf-8")
+        data = json.loads(text, parse_constant=_reject_constant)
         # A lone surrogate (\ud800) parses but is not Unicode: refuse it here, once, rather
-        # than in every hash, database driver and JWT library it would reach.
-        json.dumps(data, ensure_ascii=False).encode()
+        # than in every hash, database driver and JWT library it would reach. After a strict
+        # decode only a \u escape can make one.
+        if "\\u" in text:
+            json.dumps(data, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         raise Problem(400, "invalid_json", "The body is not valid JSON.") from None
     if not isinstance(data, dict):
