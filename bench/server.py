@@ -77,10 +77,13 @@ class _OneTransaction:
     challenges commit at once, where a commit each would take longer than the run itself."""
 
     def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+        self.conn, self.dialect = conn, conn.dialect
 
     def begin(self) -> contextlib.nullcontext[Connection]:
         return contextlib.nullcontext(self.conn)
+
+    def execution_options(self, **_options: object) -> _OneTransaction:
+        return self  # db.one_statement's autocommit: here every statement joins the one
 
 
 class _Checked:

@@ -195,9 +195,9 @@ def test_parse_wrk_refuses_runs_with_errors(line: str) -> None:
 
 
 def test_presigned_challenges_verify_once_through_the_broker(
-    sqlite_url: str, tmp_path: Path
+    any_database_url: str, tmp_path: Path
 ) -> None:
-    broker = BenchBroker(sqlite_url)
+    broker = BenchBroker(any_database_url)
     alice, bob = broker.account("alice@example.com"), broker.account("bob@example.com")
     bodies = broker.presigned([alice, bob], 4)
     assert len({body["request_id"] for body in bodies}) == 4
