@@ -28,6 +28,10 @@ METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 JSON, TEXT = "json", "text"
 # The fields of an access line beyond ts, level, logger, message and request_id.
 ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "remote")
+# gunicorn's text access line: paths only, as query strings carry OAuth2 codes and state
+# (magic-link tokens travel in the URL fragment, which never reaches the server). JSON lines
+# carry the same fields, by name.
+ACCESS_LOG_FORMAT = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms %({x-request-id}o)s'
 # C0 and C1 control characters: a decoded path (`/a%0Ab`) must not start a forged log line.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.lower()

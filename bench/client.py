@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import requests
 from moto.server import ThreadedMotoServer
 
 from agentkeys.client import flow
@@ -71,25 +72,17 @@ def warm_benchmark(runs: int, home: Path) -> dict[str, list[float]]:
 
 
 class TimedApi(Api):
-    """An Api that adds each call's wall time to `spent` under its step name."""
+    """An Api that adds each request's wall time, retries included, to `spent` under its
+    step name."""
 
     def __init__(self, base: str, spent: dict[str, float], **options: Any) -> None:
         super().__init__(base, **options)
         self.spent = spent
 
-    def call(
-        self,
-        step: str,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None = None,
-        token: str | None = None,
-        *,
-        replay: bool = True,
-    ) -> dict[str, Any]:
+    def send(self, step: str, *args: Any, **kwargs: Any) -> requests.Response:
         start = time.perf_counter()
         try:
-            return super().call(step, method, path, body, token, replay=replay)
+            return super().send(step, *args, **kwargs)
         finally:
             self.spent[step] = self.spent.get(step, 0.0) + time.perf_counter() - start
 

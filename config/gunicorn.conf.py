@@ -9,6 +9,7 @@ from typing import Any
 
 from agentkeys.errors import ConfigError
 from agentkeys.observability import (
+    ACCESS_LOG_FORMAT,
     JSON,
     METRICS_DIR_VAR,
     GunicornLogger,
@@ -39,9 +40,7 @@ worker_connections = 1000
 # SQLAlchemy's pool locks stay blocking (both are bound at import) and stall the whole worker.
 # (It also keeps prometheus_client out of the master until on_starting has set its directory.)
 accesslog = "-" if access_log_on else None
-# Paths only: query strings carry OAuth2 codes and state (magic-link tokens travel in the URL
-# fragment, which never reaches the server). JSON lines carry the same fields, by name.
-access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms %({x-request-id}o)s'
+access_log_format = ACCESS_LOG_FORMAT  # paths only: query strings carry OAuth2 codes and state
 errorlog = "-"
 logger_class = JsonGunicornLogger if _observability.log_format == JSON else GunicornLogger
 

@@ -28,7 +28,7 @@ from agentkeys.identity import EMAIL, EVM, Identity
 from agentkeys.settings import Settings
 from agentkeys.siwe import SiweMessage
 from agentkeys.store import LINKED, IdentityLinkStore
-from bench.client import STEPS, shares
+from bench.client import STEPS, TimedApi, shares
 from bench.identities import bulk_load, bulk_rows, stored_identities
 from bench.load import BODIES_LUA, LoadError, have_wrk, parse_wrk, ratios, write_bodies, wrk_script
 from bench.run import HEALTHZ, VERIFY, VerifyBudget, ecdsa_derive_and_sign, siwe_message
@@ -125,6 +125,20 @@ def recorder() -> Iterator[tuple[str, list[tuple[str, str, str | None, str]]]]:
     yield f"http://127.0.0.1:{server.server_port}", seen
     server.shutdown()
     server.server_close()
+
+
+def test_timed_api_adds_each_steps_time(
+    recorder: tuple[str, list[tuple[str, str, str | None, str]]],
+) -> None:
+    base, seen = recorder
+    spent: dict[str, float] = {}
+    api = TimedApi(base, spent)
+    assert api.post("verify", "/v1/verify", {"a": "b"}) == {}
+    assert api.post("verify", "/v1/verify", {"a": "c"}) == {}
+    assert api.call("other", "POST", "/v1/verify", {}) == {}
+    assert [path for _, path, _, _ in seen] == ["/v1/verify"] * 3
+    assert set(spent) == {"verify", "other"}
+    assert all(seconds > 0 for seconds in spent.values())
 
 
 @pytest.mark.skipif(not have_wrk(), reason="needs Debian's wrk (apt-get install -y wrk)")

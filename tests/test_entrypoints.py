@@ -198,8 +198,7 @@ def test_procfile_process_types() -> None:
     )
     assert lines["web"] == "gunicorn --config config/gunicorn.conf.py wsgi:app"
     assert lines["release"] == "python -m agentkeys.release"
-    # One process: the attested response key, the audit chain and the limits are one.
-    assert lines["tee"] == "gunicorn -w 1 --threads 8 agentkeys.tee.wsgi:app"
+    assert lines["tee"] == "gunicorn --config config/tee.gunicorn.conf.py agentkeys.tee.wsgi:app"
 
 
 def test_pure_modules_import_no_flask() -> None:

@@ -44,6 +44,7 @@ from tests.smtp import StartServer
 from tests.vectors import VECTOR_ANCHOR, VECTOR_MASTER
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "config/gunicorn.conf.py"]
+TEE_GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "config/tee.gunicorn.conf.py"]
 DEV = {"AGENTKEYS_ENV": "development"}
 FRESH_ID = re.compile(r"[0-9a-f]{32}\Z")
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
@@ -280,8 +281,13 @@ REFUSALS = {
 def test_gunicorn_refuses_bad_observability_settings(case: str, tmp_path: Path) -> None:
     extra, detail = REFUSALS[case]
     env = clean_env(**DEV, DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", **extra)
+    assert_refused([*GUNICORN, "wsgi:app"], env, detail)
+
+
+def assert_refused(command: list[str], env: dict[str, str], detail: str) -> None:
+    """gunicorn exits 1 with the configuration error as its one line."""
     result = subprocess.run(
-        [*GUNICORN, "--bind", f"127.0.0.1:{free_port()}", "wsgi:app"],
+        [*command, "--bind", f"127.0.0.1:{free_port()}"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -291,6 +297,22 @@ def test_gunicorn_refuses_bad_observability_settings(case: str, tmp_path: Path) 
     )
     assert result.returncode == 1
     assert result.stderr == f"agentkeys: configuration error: {detail}\n"
+
+
+TEE_REFUSALS = {name: REFUSALS[name] for name in ("log-format", "access-log")} | {
+    "worker-setting": (
+        {"AGENTKEYS_TEE_RATE_LIMIT": "many"},
+        "AGENTKEYS_TEE_RATE_LIMIT takes count/seconds (count ≥ 1, 1 to 86400 seconds)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TEE_REFUSALS)
+def test_the_tee_config_refuses_bad_settings_in_one_line(case: str, tmp_path: Path) -> None:
+    extra, detail = TEE_REFUSALS[case]
+    env = clean_env(**DEV, AGENTKEYS_TEE_STATE_DIR=str(tmp_path / "tee"), **extra)
+    assert_refused([*TEE_GUNICORN, "agentkeys.tee.wsgi:app"], env, detail)
+    assert not (tmp_path / "tee").exists()  # refused in the master, before the worker booted
 
 
 def test_flask_refuses_a_bad_log_format(tmp_path: Path) -> None:

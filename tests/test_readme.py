@@ -137,7 +137,9 @@ def test_tee_commands_run_as_written(tmp_path: Path, make_app: MakeApp) -> None:
     [block] = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
     lines = block.splitlines()
     served = next(i for i, line in enumerate(lines) if line.startswith("gunicorn "))
-    assert lines[served].startswith("gunicorn -w 1 --threads 8 agentkeys.tee.wsgi:app")
+    assert lines[served].startswith(
+        "gunicorn --config config/tee.gunicorn.conf.py agentkeys.tee.wsgi:app"
+    )
     assert lines[0].startswith(". .venv/bin/activate")
     assert lines[1].startswith("export AGENTKEYS_ENV=development")
     # The venv and mode lines, then either what comes before the server or what comes after.

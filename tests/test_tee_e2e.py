@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from agentkeys.crypto import derive_wallet, omni
 from agentkeys.tee.platform import ROOT_FILE, SimulatedPlatform, code_measurement
@@ -29,19 +31,28 @@ WALLET = derive_wallet(VECTOR_MASTER, ACCOUNT).address
 
 @contextmanager
 def worker(
-    broker: str, state_dir: Path, port: int | None = None, repo: Path | None = None
+    broker: str,
+    state_dir: Path,
+    port: int | None = None,
+    repo: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    **popen: Any,
 ) -> Iterator[str]:
     """The worker as the Procfile runs it, trusting `broker`'s session keys: its /tee URL."""
     port = port or free_port()
-    env = clean_env(
+    environ = clean_env(
         AGENTKEYS_ENV="development",
         AGENTKEYS_ISSUER=broker,
         AGENTKEYS_TEE_STATE_DIR=str(state_dir),
         AGENTKEYS_TEE_RELEASE=RELEASE,
+        **(env or {}),
     )
-    command = [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "8"]
+    command = [sys.executable, "-m", "gunicorn", "--config", "config/tee.gunicorn.conf.py"]
     command += ["--bind", f"127.0.0.1:{port}", "agentkeys.tee.wsgi:app"]
-    with serving(command, env, port, stderr=subprocess.PIPE, cwd=repo) as base:
+    if repo is not None:
+        popen["cwd"] = repo  # else this checkout
+    with serving(command, environ, port, **popen) as base:
         yield base + "/tee"
 
 
@@ -149,3 +160,43 @@ def test_restart_and_upgrade_keep_the_wallet(local: Local, tmp_path: Path) -> No
         again = local.init()
         assert again.returncode == 0, again.stderr
         assert f"wallet   {wallet}" in again.stdout  # the new code unsealed the same master
+
+
+def test_the_worker_logs_json_lines_with_request_ids(tmp_path: Path) -> None:
+    """As the broker's: JSON access, error and app lines, each request's with its id, and paths
+    without their query strings."""
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    nonce = "5e" * 32
+    with (
+        out.open("w") as stdout,
+        err.open("w") as stderr,
+        worker(
+            f"http://127.0.0.1:{free_port()}",  # no broker: its session keys cannot be fetched
+            tmp_path / "tee",
+            env={"AGENTKEYS_LOG_FORMAT": "json"},
+            stdout=stdout,
+            stderr=stderr,
+        ) as signer,
+    ):
+        attestation = requests.get(
+            f"{signer}/attestation?nonce={nonce}", headers={"X-Request-ID": "tee-1"}, timeout=15
+        )
+        refused = requests.post(
+            f"{signer}/derive-address",
+            json={"omni_account": ACCOUNT},
+            headers={"Authorization": "Bearer not-a-session", "X-Request-ID": "tee-2"},
+            timeout=15,
+        )
+    assert attestation.status_code == 200 and refused.status_code == 503  # no session keys
+    access = [json.loads(line) for line in out.read_text().splitlines()]
+    other = [json.loads(line) for line in err.read_text().splitlines()]  # each line is JSON
+    by_id = {line["request_id"]: line for line in access}
+    assert {line["logger"] for line in access} == {"gunicorn.access"}
+    assert (by_id["tee-1"]["method"], by_id["tee-1"]["path"]) == ("GET", "/tee/attestation")
+    assert by_id["tee-1"]["status"] == 200
+    assert (by_id["tee-2"]["path"], by_id["tee-2"]["status"]) == ("/tee/derive-address", 503)
+    # The app's own line about the refused request names that request.
+    [fetch] = [line for line in other if line["logger"] == "agentkeys.tee.sessions"]
+    assert (fetch["level"], fetch["request_id"]) == ("WARNING", "tee-2")
+    assert any(line["message"].startswith("Booting worker") for line in other)
+    assert nonce not in out.read_text() + err.read_text()

@@ -1,7 +1,7 @@
 """The TEE worker's app factory: the signer surface at /tee (PROTOCOL §5) with the master secret
 sealed inside, attestation (§7), an audit log and a per-account limit. No database: sessions are
 checked against the broker's published keys. Served as one process, so the attested response
-key, the audit chain and the limits are one: `gunicorn -w 1 --threads 8 agentkeys.tee.wsgi:app`."""
+key, the audit chain and the limits are one (config/tee.gunicorn.conf.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from agentkeys.blueprints import signer as signer_blueprint
 from agentkeys.blueprints.parsing import bearer_token
 from agentkeys.blueprints.problems import Problem, register_error_handlers
 from agentkeys.errors import AttestationUnavailable, ConfigError
+from agentkeys.observability import current_request_id
 from agentkeys.requestid import REQUEST_ID_HEADER, request_id_from
 from agentkeys.sessions import Session
 from agentkeys.signer import SigningPolicy
@@ -85,16 +86,22 @@ def create_app(
 
 
 def register_request_ids(app: Flask) -> None:
-    """Each request's id for the audit log: the caller's X-Request-ID if well-formed, else ours."""
+    """Each request's id for the audit log and the log lines: the caller's X-Request-ID if
+    well-formed, else ours."""
 
     @app.before_request
     def _take() -> None:
         g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        current_request_id.set(g.request_id)
 
     @app.after_request
     def _echo(response: Any) -> Any:
         response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
         return response
+
+    @app.teardown_request
+    def _forget(_exc: BaseException | None) -> None:
+        current_request_id.set(None)  # the thread serves its next request afresh
 
 
 def attestation_blueprint(

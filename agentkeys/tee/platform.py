@@ -59,6 +59,7 @@ MEASURED_FILES = (
     "crypto.py",
     "errors.py",
     "identity.py",
+    "observability.py",
     "requestid.py",
     "sessions.py",
     "settings.py",

@@ -1,4 +1,4 @@
-"""`gunicorn -w 1 --threads 8 agentkeys.tee.wsgi:app`: the TEE worker, one process."""
+"""`gunicorn --config config/tee.gunicorn.conf.py agentkeys.tee.wsgi:app`: the TEE worker."""
 
 from agentkeys.tee.app import app_from_env
 
