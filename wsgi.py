@@ -1,5 +1,5 @@
 """`gunicorn wsgi:app`: the production entry point."""
 
-from agentkeys.factory import app_from_env
+from agentkeys.broker.factory import app_from_env
 
 app = app_from_env()

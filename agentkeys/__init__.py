@@ -13,6 +13,6 @@ if TYPE_CHECKING:
 
 
 def create_app(*args: Any, **kwargs: Any) -> Flask:
-    from agentkeys.factory import create_app as factory
+    from agentkeys.broker.factory import create_app as factory
 
     return factory(*args, **kwargs)

@@ -12,10 +12,10 @@ import sys
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from agentkeys.broker.keys import KEK, KeyUnsealError
+from agentkeys.broker.migrate import upgrade
+from agentkeys.broker.services import Services
 from agentkeys.errors import ConfigError
-from agentkeys.keys import KEK, KeyUnsealError
-from agentkeys.migrate import upgrade
-from agentkeys.services import Services
 from agentkeys.settings import Settings
 
 USAGE = f"""\

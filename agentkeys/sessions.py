@@ -18,7 +18,7 @@ from agentkeys.errors import Unauthorized
 from agentkeys.identity import Identity
 
 if TYPE_CHECKING:
-    from agentkeys.keys import KeyRing
+    from agentkeys.broker.keys import KeyRing
 
 AUDIENCE = "agentkeys:broker"
 IDENTITY = "identity"

@@ -25,13 +25,13 @@ from typing import Any
 import requests
 from moto.server import ThreadedMotoServer
 
+from agentkeys.broker.services import Services
 from agentkeys.client import flow
 from agentkeys.client.cache import Home, credentials_name
 from agentkeys.client.config import ClientConfig
 from agentkeys.client.credentials import Credentials
 from agentkeys.client.http import Api
 from agentkeys.identity import EMAIL, Identity
-from agentkeys.services import Services
 from agentkeys.settings import Settings
 from tests.live import ROOT, clean_env, free_port, gunicorn
 

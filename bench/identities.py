@@ -28,9 +28,9 @@ from pathlib import Path
 
 import psycopg
 
+from agentkeys.broker.store import LINKED
 from agentkeys.crypto import omni
 from agentkeys.identity import EMAIL, EVM
-from agentkeys.store import LINKED
 from bench.load import BODIES_LUA, have_wrk, medians, ratios, run_wrk, write_bodies, wrk_script
 from bench.run import VERIFY, VERIFY_MARGIN
 from bench.server import Account, BenchBroker, database

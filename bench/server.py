@@ -17,14 +17,14 @@ from typing import cast
 import requests
 from sqlalchemy import Connection, Engine
 
+from agentkeys.broker.db import make_engine
+from agentkeys.broker.services import Services
+from agentkeys.broker.store import IdentityLinkStore
+from agentkeys.broker.wallet import WalletChallenges
 from agentkeys.crypto import Wallet, derive_wallet
-from agentkeys.db import make_engine
 from agentkeys.identity import EMAIL, Identity
-from agentkeys.services import Services
 from agentkeys.sessions import Session
 from agentkeys.settings import Settings
-from agentkeys.store import IdentityLinkStore
-from agentkeys.wallet import WalletChallenges
 from tests.live import ROOT, clean_env, free_port, release, wait_until_up
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

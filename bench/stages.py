@@ -44,9 +44,9 @@ RULES: tuple[tuple[str, str | None, str | None], ...] = (
     ("agentkeys/blueprints/signer.py", "own_anchor", POLICY),
     ("agentkeys/signer.py", None, POLICY),
     ("agentkeys/siwe.py", None, POLICY),
-    ("agentkeys/wallet.py", None, POLICY),
-    ("agentkeys/ratelimit.py", "incr", DATABASE),
-    ("agentkeys/ratelimit.py", None, POLICY),
+    ("agentkeys/broker/wallet.py", None, POLICY),
+    ("agentkeys/broker/ratelimit.py", "incr", DATABASE),
+    ("agentkeys/broker/ratelimit.py", None, POLICY),
     # crypto: secp256k1, keccak, HKDF, ES256
     ("agentkeys/crypto.py", None, CRYPTO),
     ("coincurve/", None, CRYPTO),
@@ -55,8 +55,8 @@ RULES: tuple[tuple[str, str | None, str | None], ...] = (
     ("jwt/algorithms.py", None, CRYPTO),
     ("jwt/", None, PASS),
     # database: queries, the pool, the driver
-    ("agentkeys/store.py", None, DATABASE),
-    ("agentkeys/db.py", None, DATABASE),
+    ("agentkeys/broker/store.py", None, DATABASE),
+    ("agentkeys/broker/db.py", None, DATABASE),
     ("sqlalchemy/", None, DATABASE),
     ("psycopg/", None, DATABASE),
     ("psycopg_binary/", None, DATABASE),
@@ -64,11 +64,11 @@ RULES: tuple[tuple[str, str | None, str | None], ...] = (
     ("sqlite3/", None, DATABASE),
     ("redis/", None, DATABASE),
     # serialisation: the answer: tokens minted into it, times, JSON
-    ("agentkeys/oidc.py", None, SERIALISATION),
+    ("agentkeys/broker/oidc.py", None, SERIALISATION),
     ("agentkeys/timefmt.py", None, SERIALISATION),
     ("flask/json/", None, SERIALISATION),
     # framework: Flask, werkzeug, gunicorn, and the app's hooks and error handlers
-    ("agentkeys/keys.py", None, PASS),
+    ("agentkeys/broker/keys.py", None, PASS),
     ("agentkeys/identity.py", None, PASS),
     ("agentkeys/blueprints/http.py", None, FRAMEWORK),
     ("agentkeys/blueprints/problems.py", None, FRAMEWORK),
@@ -76,7 +76,7 @@ RULES: tuple[tuple[str, str | None, str | None], ...] = (
     ("agentkeys/requestid.py", None, FRAMEWORK),
     ("agentkeys/observability.py", None, FRAMEWORK),
     ("prometheus_client/", None, FRAMEWORK),
-    ("agentkeys/factory.py", None, FRAMEWORK),
+    ("agentkeys/broker/factory.py", None, FRAMEWORK),
     ("agentkeys/blueprints/", None, SERIALISATION),  # a view's own lines build its answer
     ("flask/", None, FRAMEWORK),
     ("werkzeug/", None, FRAMEWORK),

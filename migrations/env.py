@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from agentkeys.db import make_engine, metadata
+from agentkeys.broker.db import make_engine, metadata
 
 config = context.config
 connection = config.attributes.get("connection")

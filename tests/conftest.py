@@ -17,11 +17,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert, select
 
 from agentkeys.blueprints.http import SERVICES_KEY
-from agentkeys.db import accounts, identities, make_engine
-from agentkeys.factory import create_app
+from agentkeys.broker.db import accounts, identities, make_engine
+from agentkeys.broker.factory import create_app
+from agentkeys.broker.migrate import upgrade
+from agentkeys.broker.services import Services
 from agentkeys.identity import EMAIL, Identity
-from agentkeys.migrate import upgrade
-from agentkeys.services import Services
 from agentkeys.settings import Secret, Settings
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 

@@ -22,12 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import agentkeys.sessions
+from agentkeys.broker.factory import create_app
+from agentkeys.broker.store import LINKED, IdentityLinkStore
 from agentkeys.crypto import derive_wallet, omni
-from agentkeys.factory import create_app
 from agentkeys.identity import EMAIL, EVM, Identity
 from agentkeys.settings import Settings
 from agentkeys.siwe import SiweMessage
-from agentkeys.store import LINKED, IdentityLinkStore
 from bench.client import STEPS, TimedApi, shares
 from bench.identities import bulk_load, bulk_rows, stored_identities
 from bench.load import BODIES_LUA, LoadError, have_wrk, parse_wrk, ratios, write_bodies, wrk_script
@@ -266,29 +266,30 @@ REQUEST = [VIEW, *FLASK, *GUNICORN]
         ([("json/decoder.py", "decode"), ("jwt/api_jws.py", "_load"),
           ("agentkeys/sessions.py", "decode_session"), ("agentkeys/blueprints/http.py",
           "bearer_session"), *REQUEST], AUTH),
-        ([("agentkeys/keys.py", "public_key"), ("agentkeys/sessions.py", "_check_signature"),
+        ([("agentkeys/broker/keys.py", "public_key"), ("agentkeys/sessions.py", "_check_signature"),
           *REQUEST], AUTH),
         ([("agentkeys/blueprints/parsing.py", "bearer_token"), *REQUEST], AUTH),
         ([("agentkeys/siwe.py", "parse"), ("agentkeys/signer.py", "check"), *REQUEST], POLICY),
-        ([("hashlib.py", "__hash_new"), ("agentkeys/ratelimit.py", "hit"),
+        ([("hashlib.py", "__hash_new"), ("agentkeys/broker/ratelimit.py", "hit"),
           ("agentkeys/blueprints/http.py", "rate_limit"), *REQUEST], POLICY),
         ([("agentkeys/blueprints/signer.py", "own_anchor"), *REQUEST], POLICY),
         ([("coincurve/keys.py", "sign_recoverable"), ("agentkeys/crypto.py", "sign_personal"),
           ("agentkeys/signer.py", "sign_message"), *REQUEST], CRYPTO),
         ([("cryptography/hazmat/primitives/asymmetric/ec.py", "sign"),
           ("jwt/algorithms.py", "sign"), ("jwt/api_jws.py", "encode"),
-          ("agentkeys/oidc.py", "mint"), *REQUEST], CRYPTO),
-        ([("sqlalchemy/engine/default.py", "do_execute"), ("agentkeys/ratelimit.py", "incr"),
-          ("agentkeys/ratelimit.py", "hit"), ("agentkeys/blueprints/http.py", "rate_limit"),
+          ("agentkeys/broker/oidc.py", "mint"), *REQUEST], CRYPTO),
+        ([("sqlalchemy/engine/default.py", "do_execute"), ("agentkeys/broker/ratelimit.py", "incr"),
+          ("agentkeys/broker/ratelimit.py", "hit"), ("agentkeys/blueprints/http.py", "rate_limit"),
           *REQUEST], DATABASE),
         ([("gevent/select.py", "poll"), ("psycopg/waiting.py", "wait_poll"),
-          ("agentkeys/store.py", "session_generation"), ("agentkeys/sessions.py", "verify"),
+          ("agentkeys/broker/store.py", "session_generation"), ("agentkeys/sessions.py", "verify"),
           *REQUEST], DATABASE),
-        ([("agentkeys/store.py", "session_generation"), ("agentkeys/sessions.py", "verify"),
+        ([("agentkeys/broker/store.py", "session_generation"), ("agentkeys/sessions.py", "verify"),
           *REQUEST], DATABASE),
         ([("json/encoder.py", "iterencode"), ("flask/json/provider.py", "dumps"), *FLASK,
           *GUNICORN], SERIALISATION),
-        ([("jwt/api_jws.py", "encode"), ("agentkeys/oidc.py", "mint"), *REQUEST], SERIALISATION),
+        ([("jwt/api_jws.py", "encode"), ("agentkeys/broker/oidc.py", "mint"), *REQUEST],
+         SERIALISATION),
         ([("agentkeys/sessions.py", "mint"), ("agentkeys/blueprints/wallet.py", "wallet_verify"),
           *FLASK], SERIALISATION),
         ([("agentkeys/timefmt.py", "rfc3339"), *REQUEST], SERIALISATION),

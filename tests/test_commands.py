@@ -9,8 +9,8 @@ from flask import Flask
 from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
-from agentkeys.db import accounts
-from agentkeys.keys import JWKS_MAX_AGE
+from agentkeys.broker.db import accounts
+from agentkeys.broker.keys import JWKS_MAX_AGE
 from tests.conftest import services_of
 
 

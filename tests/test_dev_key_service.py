@@ -407,7 +407,7 @@ def test_disabled_answers_503(make_app: MakeApp, path: str) -> None:
 def test_disabled_holds_no_service_or_secret(make_app: MakeApp) -> None:
     import gc
 
-    from agentkeys.dev_key_service import DevKeyService
+    from agentkeys.broker.dev_key_service import DevKeyService
     from agentkeys.settings import Secret
 
     gc.collect()
@@ -472,8 +472,8 @@ def test_no_secret_in_logs(make_app: MakeApp, caplog: pytest.LogCaptureFixture) 
 def test_dev_only_marks() -> None:
     import inspect
 
-    from agentkeys import dev_key_service
     from agentkeys.blueprints import dev_key_service as dev_bp
+    from agentkeys.broker import dev_key_service
 
     for module in (dev_key_service, dev_bp):
         assert (module.__doc__ or "").startswith("DEV ONLY — replace with TEE")

@@ -11,8 +11,8 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from agentkeys.db import make_engine, signing_keys
-from agentkeys.factory import create_app
+from agentkeys.broker.db import make_engine, signing_keys
+from agentkeys.broker.factory import create_app
 from agentkeys.settings import Settings
 from tests.conftest import BASE_SETTINGS, bearer_for_account, services_of
 from tests.live import (
@@ -206,7 +206,7 @@ def test_pure_modules_import_no_flask() -> None:
     code = (
         "import sys\n"
         "import agentkeys, agentkeys.crypto, agentkeys.siwe, agentkeys.signer\n"
-        "import agentkeys.settings, agentkeys.dev_key_service, agentkeys.errors\n"
+        "import agentkeys.settings, agentkeys.broker.dev_key_service, agentkeys.errors\n"
         "leaked = sorted(m for m in ('flask', 'werkzeug', 'requests') if m in sys.modules)\n"
         "print(leaked)\n"
     )

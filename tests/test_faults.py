@@ -31,8 +31,8 @@ import requests
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 
-from agentkeys.db import make_engine, signing_keys
-from agentkeys.factory import APP_LOAD_ERROR, app_from_env
+from agentkeys.broker.db import make_engine, signing_keys
+from agentkeys.broker.factory import APP_LOAD_ERROR, app_from_env
 from agentkeys.settings import DEFAULT_LIMITS, Limit
 from tests.broker import Broker, broker_env
 from tests.conftest import MakeApp, bearer_for
@@ -286,7 +286,7 @@ def test_redis_outage_fails_closed_and_recovers_alone(
         assert client.get("/v1/identities", headers=bearer).status_code == 200
         ready = answer(client, "GET", "/readyz")
         assert ready == (503, NOT_READY_LIMITS, "5", "application/problem+json")
-        lines = warnings_of(caplog, "agentkeys.ratelimit")
+        lines = warnings_of(caplog, "agentkeys.broker.ratelimit")
         assert len(lines) == len(limited) + 1  # the readiness ping too
         for line in lines:
             assert line.startswith("limits_unavailable: redis.exceptions.ConnectionError: "), line

@@ -144,8 +144,13 @@ def leaked_on_import(names: list[str], forbidden: set[str]) -> list[str]:
 
 def test_server_modules_are_found_from_the_source() -> None:
     """The derived list holds the server's internals and none of the core or the client."""
-    expected = {"agentkeys.db", "agentkeys.store", "agentkeys.factory", "agentkeys.services"}
-    expected |= {"agentkeys.blueprints.http", "agentkeys.keys", "agentkeys.wallet"}
+    expected = {
+        "agentkeys.broker.db",
+        "agentkeys.broker.store",
+        "agentkeys.broker.factory",
+        "agentkeys.broker.services",
+    }
+    expected |= {"agentkeys.blueprints.http", "agentkeys.broker.keys", "agentkeys.broker.wallet"}
     assert expected <= SERVER
     assert not SERVER & {*SHARED, "agentkeys"}
     assert not {n for n in SERVER if within(n, ("agentkeys.client",))}
@@ -167,11 +172,11 @@ def test_client_imports_nothing_of_the_server() -> None:
     [
         "import flask",
         "from sqlalchemy import select",
-        "def lazy():\n    from agentkeys.store import IdentityLinkStore",
+        "def lazy():\n    from agentkeys.broker.store import IdentityLinkStore",
         "from agentkeys.blueprints import auth",
-        "from agentkeys import factory",
+        "from agentkeys.broker import factory",
         "from . import http\nfrom .. import services",
-        "from agentkeys.mail import build_sign_in_mail",  # a broker internal with no framework
+        "from agentkeys.broker.mail import build_sign_in_mail",  # a broker internal, no framework
         "from agentkeys import create_app",
     ],
 )
@@ -214,8 +219,12 @@ def test_the_tee_worker_has_no_database() -> None:
     found = modules(PACKAGE / "tee")
     assert {"agentkeys.tee.app", "agentkeys.tee.state", "agentkeys.tee.sessions"} <= set(found)
     database = server_modules(DATABASE_LIBRARIES, blueprints=False)
-    assert {"agentkeys.blueprints.http", "agentkeys.services", "agentkeys.keys"} <= database
-    forbidden = ("agentkeys.client", "agentkeys.factory", "agentkeys.dev_key_service")
+    assert {
+        "agentkeys.blueprints.http",
+        "agentkeys.broker.services",
+        "agentkeys.broker.keys",
+    } <= database
+    forbidden = ("agentkeys.client", "agentkeys.broker.factory", "agentkeys.broker.dev_key_service")
     for name, path in found.items():
         bad = {
             n

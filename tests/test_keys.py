@@ -18,10 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Engine, select, update
 
-from agentkeys.db import signing_keys
-from agentkeys.errors import Unauthorized
-from agentkeys.identity import EMAIL, Identity
-from agentkeys.keys import (
+from agentkeys.broker.db import signing_keys
+from agentkeys.broker.keys import (
     JWKS_MAX_AGE,
     RELOAD_SECONDS,
     UNKNOWN_KID_RELOAD_SECONDS,
@@ -29,6 +27,8 @@ from agentkeys.keys import (
     KeyRing,
     KeyUnsealError,
 )
+from agentkeys.errors import Unauthorized
+from agentkeys.identity import EMAIL, Identity
 from agentkeys.sessions import IDENTITY, WALLET, SessionTokens
 from agentkeys.settings import Secret
 
@@ -131,8 +131,8 @@ def test_ensure_initial_from_threads_at_once(engine: Engine) -> None:
 # Each process waits at a file barrier until all are ready, then races for the first key.
 PROCESS_SCRIPT = """
 import pathlib, sys, time
-from agentkeys.db import make_engine
-from agentkeys.keys import KeyRing
+from agentkeys.broker.db import make_engine
+from agentkeys.broker.keys import KeyRing
 from agentkeys.settings import Secret
 url, kek, gate, index, count = sys.argv[1:]
 gate = pathlib.Path(gate)

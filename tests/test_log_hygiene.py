@@ -21,9 +21,9 @@ import pytest
 import requests
 from aiosmtpd.smtp import AuthResult
 
-from agentkeys.db import make_engine
+from agentkeys.broker.db import make_engine
+from agentkeys.broker.factory import create_app
 from agentkeys.errors import ConfigError
-from agentkeys.factory import create_app
 from tests.conftest import BASE_SETTINGS, MakeApp, services_of
 from tests.live import ROOT, clean_env, free_port, serving
 from tests.smtp import StartServer

@@ -20,9 +20,9 @@ import requests
 from click.testing import CliRunner
 from werkzeug.serving import make_server
 
+from agentkeys.broker.factory import create_app
 from agentkeys.client.cli import main
 from agentkeys.crypto import derive_secret, omni
-from agentkeys.factory import create_app
 from agentkeys.settings import OAuth2Provider, Secret
 from tests.conftest import BASE_SETTINGS, services_of
 from tests.live import ROOT, clean_env, free_port

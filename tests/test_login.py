@@ -9,10 +9,8 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import Engine, select
 
-from agentkeys.db import login_requests
-from agentkeys.errors import NotFound
-from agentkeys.identity import EMAIL, Identity
-from agentkeys.login import (
+from agentkeys.broker.db import login_requests
+from agentkeys.broker.login import (
     CONSUMED,
     FAILED,
     PENDING,
@@ -22,7 +20,9 @@ from agentkeys.login import (
     OAuth2Pending,
     Status,
 )
-from agentkeys.oauth2 import new_nonce, new_pkce, new_state
+from agentkeys.broker.oauth2 import new_nonce, new_pkce, new_state
+from agentkeys.errors import NotFound
+from agentkeys.identity import EMAIL, Identity
 from tests.conftest import T0, Clock, race
 
 T = TypeVar("T")

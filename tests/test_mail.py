@@ -25,8 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentkeys.broker.mail import MailSender, MailTransport, build_sign_in_mail, parse_mail_url
 from agentkeys.errors import ConfigError, MailError
-from agentkeys.mail import MailSender, MailTransport, build_sign_in_mail, parse_mail_url
 from tests.live import free_port
 from tests.smtp import Recorder, StartServer
 
@@ -324,7 +324,7 @@ def test_auth_login_with_the_right_password(
 ) -> None:
     server = smtp_server(authenticator=accept_only(USER, PASSWORD), auth_require_tls=False)
     url = f"smtp://{quote(USER, safe='')}:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}"
-    with caplog.at_level(logging.INFO, logger="agentkeys.mail"):
+    with caplog.at_level(logging.INFO, logger="agentkeys.broker.mail"):
         sender_for(url).send(sign_in_mail())
     assert_received_sign_in_mail(server.recorder)
     assert server.recorder.authenticated == [True]
@@ -405,7 +405,7 @@ def test_connection_refused_is_mail_error_without_secrets() -> None:
 
 def test_console_writes_the_mail_and_logs_no_link(caplog: pytest.LogCaptureFixture) -> None:
     stream = io.StringIO()
-    with caplog.at_level(logging.INFO, logger="agentkeys.mail"):
+    with caplog.at_level(logging.INFO, logger="agentkeys.broker.mail"):
         MailSender(parse_mail_url("console://"), stream=stream).send(sign_in_mail())
     shown = stream.getvalue()
     assert "To: alice@example.com" in shown and "Subject: Your AgentKeys sign-in link" in shown

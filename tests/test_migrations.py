@@ -10,9 +10,9 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine, text
 
+from agentkeys.broker.db import make_engine
+from agentkeys.broker.migrate import alembic_config, is_current, upgrade
 from agentkeys.crypto import omni
-from agentkeys.db import make_engine
-from agentkeys.migrate import alembic_config, is_current, upgrade
 from tests.conftest import POSTGRES_ADMIN_URL, _admin
 
 CLIENT_ID = "tenant-7"  # not the default: the backfill must use the deployment's own

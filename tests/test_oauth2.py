@@ -1,4 +1,5 @@
-"""agentkeys.oauth2 end to end against a real OIDC provider on loopback (tests/oidc_provider.py)."""
+"""agentkeys.broker.oauth2 end to end against a real OIDC provider on loopback
+(tests/oidc_provider.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import jwt
 import pytest
 import requests
 
-from agentkeys.errors import OAuth2Error
-from agentkeys.oauth2 import (
+from agentkeys.broker.oauth2 import (
     MAX_RESPONSE_BYTES,
     OIDCClient,
     new_nonce,
@@ -27,6 +27,7 @@ from agentkeys.oauth2 import (
     new_state,
     pkce_challenge,
 )
+from agentkeys.errors import OAuth2Error
 from agentkeys.settings import OAuth2Provider, Secret
 from tests.live import free_port
 from tests.oidc_provider import DEFAULT_REDIRECT_URI, OIDCProvider

@@ -25,9 +25,9 @@ from prometheus_client import mmap_dict
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentkeys import requestid
+from agentkeys.broker.factory import create_app
 from agentkeys.crypto import derive_wallet, to_checksum_address
 from agentkeys.errors import ConfigError
-from agentkeys.factory import create_app
 from agentkeys.observability import (
     SIGN_IN_STEPS,
     SIGNER_OPERATIONS,

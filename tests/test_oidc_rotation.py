@@ -16,7 +16,7 @@ from eth_account.messages import encode_defunct
 from flask import Flask
 from werkzeug.serving import make_server
 
-from agentkeys.keys import JWKS_MAX_AGE
+from agentkeys.broker.keys import JWKS_MAX_AGE
 from tests import sts
 from tests.conftest import services_of
 

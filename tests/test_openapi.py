@@ -13,7 +13,7 @@ import schemathesis
 from flask import Flask
 
 from agentkeys.blueprints.openapi import OPTIONAL, build_document, paths, served_by_default
-from agentkeys.factory import create_app
+from agentkeys.broker.factory import create_app
 from agentkeys.observability import Observability
 from tests.conftest import BASE_SETTINGS, MakeApp
 

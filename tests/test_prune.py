@@ -1,5 +1,6 @@
-"""Pruning (agentkeys/prune.py) on SQLite and PostgreSQL: what goes and what stays, to the second;
-batches; rows a hot path holds are skipped, not waited for; the live flows keep working."""
+"""Pruning (agentkeys/broker/prune.py) on SQLite and PostgreSQL: what goes and what stays, to
+the second; batches; rows a hot path holds are skipped, not waited for; the live flows keep
+working."""
 
 from __future__ import annotations
 
@@ -14,15 +15,21 @@ from flask import Flask
 from sqlalchemy import Column, Engine, Table, event, insert, select
 from sqlalchemy.exc import OperationalError
 
-from agentkeys.db import login_requests, make_engine, rate_limits, siwe_challenges, spent_tokens
+from agentkeys.broker.db import (
+    login_requests,
+    make_engine,
+    rate_limits,
+    siwe_challenges,
+    spent_tokens,
+)
+from agentkeys.broker.login import CONSUMED, REQUEST_TTL, VERIFIED, LoginRequests
+from agentkeys.broker.prune import KEEP_EXPIRED_SECONDS, LONGEST_WINDOW, prune
+from agentkeys.broker.ratelimit import RateLimiter, SqlCounter
+from agentkeys.broker.store import SPENT_GRACE_SECONDS, IdentityLinkStore
+from agentkeys.broker.wallet import CHALLENGE_TTL, WalletChallenges
 from agentkeys.identity import EMAIL, EVM, Identity
-from agentkeys.login import CONSUMED, REQUEST_TTL, VERIFIED, LoginRequests
-from agentkeys.prune import KEEP_EXPIRED_SECONDS, LONGEST_WINDOW, prune
-from agentkeys.ratelimit import RateLimiter, SqlCounter
 from agentkeys.settings import DEFAULT_LIMITS, Limit
-from agentkeys.store import SPENT_GRACE_SECONDS, IdentityLinkStore
 from agentkeys.timefmt import now_seconds
-from agentkeys.wallet import CHALLENGE_TTL, WalletChallenges
 from tests.conftest import Clock, services_of
 
 NOW = 1_700_006_400  # a multiple of 86400, so of every default window too

@@ -12,9 +12,9 @@ import pytest
 import redis
 from sqlalchemy import Engine, select
 
-from agentkeys.db import make_engine, rate_limits
+from agentkeys.broker.db import make_engine, rate_limits
+from agentkeys.broker.ratelimit import Counter, RateLimiter, RedisCounter, SqlCounter
 from agentkeys.errors import ConfigError
-from agentkeys.ratelimit import Counter, RateLimiter, RedisCounter, SqlCounter
 from agentkeys.settings import LIMITS_VAR, Limit, parse_limits
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

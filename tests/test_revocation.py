@@ -14,8 +14,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import update
 
+from agentkeys.broker.db import siwe_challenges
 from agentkeys.crypto import derive_wallet, omni
-from agentkeys.db import siwe_challenges
 from agentkeys.identity import EVM, Identity
 from tests.broker import Broker, broker_env
 from tests.conftest import bearer_for, race, services_of

@@ -22,8 +22,8 @@ from aiosmtpd.controller import Controller
 from eth_account import Account
 from sqlalchemy import func, select
 
+from agentkeys.broker.db import make_engine, rate_limits
 from agentkeys.crypto import derive_wallet, omni
-from agentkeys.db import make_engine, rate_limits
 from agentkeys.identity import mailbox as mailbox_of
 from tests.broker import Broker, broker_env
 from tests.conftest import POSTGRES_ADMIN_URL, _admin, race

@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, update
 from werkzeug.serving import make_server
 
-from agentkeys.db import make_engine, signing_keys
+from agentkeys.broker.db import make_engine, signing_keys
+from agentkeys.broker.keys import RELOAD_SECONDS, KeyRing
 from agentkeys.errors import Unauthorized
 from agentkeys.identity import EMAIL, EVM, Identity
-from agentkeys.keys import RELOAD_SECONDS, KeyRing
 from agentkeys.sessions import IDENTITY, LEEWAY_SECONDS, WALLET, SessionTokens
 from tests.conftest import BASE_SETTINGS, MakeApp, bearer_for
 from tests.vectors import OMNI_ONBOARD, VECTOR_ADDRESS, VECTOR_ANCHOR

@@ -8,8 +8,14 @@ from typing import TypeVar
 import pytest
 from sqlalchemy import Engine, Table, event, func, select, update
 
+from agentkeys.broker.db import accounts, identities, make_engine, spent_tokens
+from agentkeys.broker.ratelimit import SqlCounter
+from agentkeys.broker.store import (
+    SPENT_GRACE_SECONDS,
+    IdentityLinkStore,
+    LinkedIdentity,
+)
 from agentkeys.crypto import omni
-from agentkeys.db import accounts, identities, make_engine, spent_tokens
 from agentkeys.errors import (
     AgentKeysError,
     AnchorIdentity,
@@ -21,13 +27,7 @@ from agentkeys.errors import (
     Unauthorized,
 )
 from agentkeys.identity import EMAIL, EVM, Identity, canonical_email, canonical_identity
-from agentkeys.ratelimit import SqlCounter
 from agentkeys.sessions import LEEWAY_SECONDS
-from agentkeys.store import (
-    SPENT_GRACE_SECONDS,
-    IdentityLinkStore,
-    LinkedIdentity,
-)
 from tests.conftest import T0, Clock, race
 
 CLIENT_ID = "agentkeys"

@@ -17,11 +17,11 @@ from agentkeys.blueprints.http import (
     rate_limit,
     services,
 )
+from agentkeys.broker.login import CONSUMED, VERIFIED, Started
+from agentkeys.broker.mail import build_sign_in_mail
+from agentkeys.broker.oauth2 import new_nonce, new_pkce, new_state
 from agentkeys.errors import InvalidRequest, OAuth2Error
 from agentkeys.identity import EMAIL, OAUTH2_PREFIX, Identity, canonical_email, mailbox
-from agentkeys.login import CONSUMED, VERIFIED, Started
-from agentkeys.mail import build_sign_in_mail
-from agentkeys.oauth2 import new_nonce, new_pkce, new_state
 from agentkeys.timefmt import rfc3339
 
 

@@ -7,7 +7,7 @@ from flask import Blueprint
 
 from agentkeys.blueprints import signer
 from agentkeys.blueprints.http import bearer_session
-from agentkeys.dev_key_service import DevKeyService
+from agentkeys.broker.dev_key_service import DevKeyService
 from agentkeys.settings import MASTER_SECRET_VAR
 
 

@@ -10,9 +10,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agentkeys.blueprints.http import services
 from agentkeys.blueprints.problems import problem
-from agentkeys.db import OUTAGE_RETRY_AFTER
+from agentkeys.broker.db import OUTAGE_RETRY_AFTER
+from agentkeys.broker.migrate import is_current
 from agentkeys.errors import LimitsUnavailable
-from agentkeys.migrate import is_current
 
 log = logging.getLogger(__name__)
 

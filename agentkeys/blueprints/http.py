@@ -7,7 +7,7 @@ from flask import current_app, request
 
 from agentkeys import errors
 from agentkeys.blueprints.parsing import bearer_token, json_object, load
-from agentkeys.services import Services
+from agentkeys.broker.services import Services
 from agentkeys.sessions import IDENTITY, Session
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "services",
 ]
 
-SERVICES_KEY = "agentkeys.services"
+SERVICES_KEY = "agentkeys.broker.services"
 
 
 def services() -> Services:

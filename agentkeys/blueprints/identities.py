@@ -8,9 +8,9 @@ from flask import Blueprint, Response, jsonify
 from marshmallow import Schema, fields
 
 from agentkeys.blueprints.http import bearer_session, json_object, load, services
+from agentkeys.broker.keys import JWKS_MAX_AGE
 from agentkeys.errors import Unauthorized
 from agentkeys.identity import canonical_identity
-from agentkeys.keys import JWKS_MAX_AGE
 from agentkeys.sessions import IDENTITY, WALLET
 from agentkeys.timefmt import rfc3339
 

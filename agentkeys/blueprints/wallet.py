@@ -15,11 +15,11 @@ from agentkeys.blueprints.http import (
     rate_limit,
     services,
 )
+from agentkeys.broker.keys import JWKS_MAX_AGE
+from agentkeys.broker.oidc import JWKS_PATH, discovery_document
 from agentkeys.crypto import normalize_address, to_checksum_address
 from agentkeys.errors import InvalidRequest, WalletSessionRequired
 from agentkeys.identity import EVM, Identity
-from agentkeys.keys import JWKS_MAX_AGE
-from agentkeys.oidc import JWKS_PATH, discovery_document
 from agentkeys.sessions import IDENTITY, WALLET
 from agentkeys.timefmt import rfc3339
 

@@ -7,8 +7,8 @@ import click
 from flask import Flask
 
 from agentkeys.blueprints.http import services
-from agentkeys.keys import JWKS_MAX_AGE
-from agentkeys.prune import prune as prune_expired
+from agentkeys.broker.keys import JWKS_MAX_AGE
+from agentkeys.broker.prune import prune as prune_expired
 from agentkeys.timefmt import now_seconds, rfc3339
 
 

@@ -13,14 +13,14 @@ from agentkeys.blueprints import auth, dev_key_service, health, identities, open
 from agentkeys.blueprints import metrics as metrics_blueprint
 from agentkeys.blueprints.http import SERVICES_KEY
 from agentkeys.blueprints.problems import register_error_handlers
-from agentkeys.commands import register_commands
-from agentkeys.db import outage
-from agentkeys.dev_key_service import DEV_ONLY_WARNING, DevKeyService
+from agentkeys.broker.commands import register_commands
+from agentkeys.broker.db import outage
+from agentkeys.broker.dev_key_service import DEV_ONLY_WARNING, DevKeyService
+from agentkeys.broker.keys import KeyUnsealError
+from agentkeys.broker.migrate import is_current
+from agentkeys.broker.services import Services
 from agentkeys.errors import ConfigError
-from agentkeys.keys import KeyUnsealError
-from agentkeys.migrate import is_current
 from agentkeys.observability import JSON, Metrics, Observability, install_json_logging
-from agentkeys.services import Services
 from agentkeys.settings import Settings
 
 log = logging.getLogger("agentkeys")

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from agentkeys.db import read_only, signing_keys
+from agentkeys.broker.db import read_only, signing_keys
 from agentkeys.settings import Secret
 
 JWKS_MAX_AGE = 300  # seconds; the Cache-Control max-age of every published JWKS

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, insert, select, update
 
-from agentkeys.db import login_requests, read_only
+from agentkeys.broker.db import login_requests, read_only
 from agentkeys.errors import UnknownRequest
 from agentkeys.identity import Identity
 from agentkeys.timefmt import now_seconds

@@ -9,7 +9,7 @@ from typing import Any
 
 import jwt
 
-from agentkeys.keys import KeyRing
+from agentkeys.broker.keys import KeyRing
 from agentkeys.sessions import Session
 
 TAGS_CLAIM = "https://aws.amazon.com/tags"

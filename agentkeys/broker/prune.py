@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 from sqlalchemy import Column, ColumnElement, Engine, Table, delete, or_, select
 
-from agentkeys.db import login_requests, rate_limits, siwe_challenges, spent_tokens
+from agentkeys.broker.db import login_requests, rate_limits, siwe_challenges, spent_tokens
+from agentkeys.broker.store import SPENT_GRACE_SECONDS
 from agentkeys.settings import DEFAULT_LIMITS, Limit
-from agentkeys.store import SPENT_GRACE_SECONDS
 
 # Expired challenges and sign-in requests are kept an hour longer: until then a late verify or
 # poll still gets its documented answer (401 challenge_expired or challenge_used, status

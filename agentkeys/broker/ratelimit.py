@@ -13,7 +13,7 @@ from typing import Protocol
 from sqlalchemy import Engine, bindparam, case
 from sqlalchemy.dialects import postgresql, sqlite
 
-from agentkeys.db import one_statement, rate_limits
+from agentkeys.broker.db import one_statement, rate_limits
 from agentkeys.errors import ConfigError, LimitsUnavailable
 from agentkeys.settings import Limit
 

@@ -7,18 +7,18 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from agentkeys.db import make_engine
+from agentkeys.broker.db import make_engine
+from agentkeys.broker.keys import KeyRing
+from agentkeys.broker.login import LoginRequests
+from agentkeys.broker.mail import MailSender, parse_mail_url
+from agentkeys.broker.oauth2 import OIDCClient
+from agentkeys.broker.oidc import OIDCTokens
+from agentkeys.broker.ratelimit import Counter, RateLimiter, RedisCounter, SqlCounter
+from agentkeys.broker.store import IdentityLinkStore
+from agentkeys.broker.wallet import WalletChallenges
 from agentkeys.errors import InvalidRequest
-from agentkeys.keys import KeyRing
-from agentkeys.login import LoginRequests
-from agentkeys.mail import MailSender, parse_mail_url
-from agentkeys.oauth2 import OIDCClient
-from agentkeys.oidc import OIDCTokens
-from agentkeys.ratelimit import Counter, RateLimiter, RedisCounter, SqlCounter
 from agentkeys.sessions import IDENTITY, WALLET, SessionTokens
 from agentkeys.settings import Settings
-from agentkeys.store import IdentityLinkStore
-from agentkeys.wallet import WalletChallenges
 
 
 class UnknownProvider(InvalidRequest):

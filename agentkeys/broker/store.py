@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from agentkeys.db import accounts, identities, read_only, spent_tokens, wallet_links
+from agentkeys.broker.db import accounts, identities, read_only, spent_tokens, wallet_links
 from agentkeys.errors import (
     AnchorIdentity,
     IdentityAlreadyLinked,

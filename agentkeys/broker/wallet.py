@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, bindparam, insert, select, update
 
+from agentkeys.broker.db import one_statement, read_only, siwe_challenges
+from agentkeys.broker.login import REQUEST_ID
+from agentkeys.broker.store import IdentityLinkStore
 from agentkeys.crypto import parse_signature, recover_personal, to_checksum_address
-from agentkeys.db import one_statement, read_only, siwe_challenges
 from agentkeys.errors import (
     ChainNotAllowed,
     ChallengeExpired,
@@ -21,11 +23,9 @@ from agentkeys.errors import (
     WrongSigner,
 )
 from agentkeys.identity import EVM, Identity
-from agentkeys.login import REQUEST_ID
 from agentkeys.sessions import Session
 from agentkeys.signer import ACCOUNT_RESOURCE_PREFIX
 from agentkeys.siwe import SiweMessage
-from agentkeys.store import IdentityLinkStore
 from agentkeys.timefmt import now_seconds, rfc3339
 
 CHALLENGE_TTL = 600

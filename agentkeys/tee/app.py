@@ -203,7 +203,7 @@ def _path_with_query(environ: dict[str, Any]) -> str:
     return f"{path}?{query}" if query else path
 
 
-# gunicorn's arbiter halts when a worker exits with this code (see agentkeys.factory).
+# gunicorn's arbiter halts when a worker exits with this code (see agentkeys.broker.factory).
 APP_LOAD_ERROR = 4
 
 
