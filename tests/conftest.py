@@ -22,6 +22,7 @@ from agentkeys.broker.factory import create_app
 from agentkeys.broker.migrate import upgrade
 from agentkeys.broker.services import Services
 from agentkeys.identity import EMAIL, Identity
+from agentkeys.observability import Observability
 from agentkeys.settings import Secret, Settings
 from tests.vectors import VECTOR_ADDRESS, VECTOR_ANCHOR, VECTOR_MASTER
 
@@ -134,9 +135,11 @@ def database_url(sqlite_url: str) -> str:
 def make_app(tmp_path: Path, database_url: str) -> Iterator[MakeApp]:
     apps: list[Flask] = []
 
-    def build(**overrides: Any) -> Flask:
+    def build(observability: Observability | None = None, **overrides: Any) -> Flask:
         settings = dataclasses.replace(BASE_SETTINGS, database_url=database_url, **overrides)
-        app = create_app(settings, instance_path=str(tmp_path / "instance"))
+        app = create_app(
+            settings, instance_path=str(tmp_path / "instance"), observability=observability
+        )
         app.config["TESTING"] = True
         apps.append(app)
         return app

@@ -3,7 +3,6 @@ by prometheus_client's multiprocess mode, JSON and text log lines, the access lo
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -25,7 +24,6 @@ from prometheus_client import mmap_dict
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentkeys import requestid
-from agentkeys.broker.factory import create_app
 from agentkeys.crypto import derive_wallet, to_checksum_address
 from agentkeys.errors import ConfigError
 from agentkeys.observability import (
@@ -38,7 +36,7 @@ from agentkeys.observability import (
 from agentkeys.settings import DEFAULT_LIMITS, Limit
 from agentkeys.tee import app as tee_app
 from tests.broker import Broker, broker_env
-from tests.conftest import BASE_SETTINGS, bearer_for_account, services_of
+from tests.conftest import MakeApp, bearer_for_account
 from tests.live import ROOT, clean_env, free_port, gunicorn, release, serving
 from tests.smtp import StartServer
 from tests.vectors import VECTOR_ANCHOR, VECTOR_MASTER
@@ -76,24 +74,13 @@ def moved(before: Samples, after: Samples) -> Samples:
 
 
 @pytest.fixture
-def observed(tmp_path: Path, sqlite_url: str) -> Iterator[Callable[..., Flask]]:
+def observed(make_app: MakeApp) -> Callable[..., Flask]:
     """Apps with metrics on (a plain registry each, as under `flask run`)."""
-    apps: list[Flask] = []
 
     def build(metrics: bool = True, **overrides: Any) -> Flask:
-        settings = dataclasses.replace(BASE_SETTINGS, database_url=sqlite_url, **overrides)
-        app = create_app(
-            settings,
-            instance_path=str(tmp_path / "instance"),
-            observability=Observability(metrics=metrics),
-        )
-        app.config["TESTING"] = True
-        apps.append(app)
-        return app
+        return make_app(observability=Observability(metrics=metrics), **overrides)
 
-    yield build
-    for app in apps:
-        services_of(app).engine.dispose()
+    return build
 
 
 def scrape(app: Flask) -> Samples:
